@@ -1,0 +1,188 @@
+//! The `osp` command line.
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use osp::model::{load_model, Trainable};
+use osp::sample::{generate, Request, SamplingParams};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "osp",
+    version,
+    about = "Online Self-Preferring alignment of language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a Hugging Face model folder or a llama2.c checkpoint.
+    Generate(GenerateArgs),
+    /// Describe a model: architecture, parameter count, tokenizer, special tokens.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama2.c .bin.
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer file or folder, when it is not beside the model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Device: cpu, or cuda / cuda:N with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text; empty starts from BOS alone.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Independent samples of the prompt, generated as one batch.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// Sample i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Inspect(a) => cmd_inspect(a),
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let device = osp::device(&a.model.device)?;
+    let lm = load_model(
+        &a.model.model,
+        a.model.tokenizer.as_deref(),
+        &device,
+        Trainable::None,
+    )?;
+    let tok = &lm.tokenizer;
+    let prompt = if a.prompt.is_empty() {
+        let bos = tok
+            .bos_id()
+            .context("the prompt is empty and the tokenizer has no BOS token to start from")?;
+        vec![bos]
+    } else {
+        tok.encode(&a.prompt, tok.bos_id().is_some())?
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        stop_strings: a.stop.clone(),
+        stop_at_eos: true,
+    };
+    let requests: Vec<Request> = (0..a.num_samples.max(1) as u64)
+        .map(|i| Request {
+            prompt: prompt.clone(),
+            seed: a.seed.wrapping_add(i),
+        })
+        .collect();
+    let start = Instant::now();
+    let gens = generate(&lm.model, tok, &requests, &params)?;
+    let secs = start.elapsed().as_secs_f64();
+    let new_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    for (i, g) in gens.iter().enumerate() {
+        if gens.len() > 1 {
+            println!(
+                "--- sample {} (seed {}, {:?}) ---",
+                i, requests[i].seed, g.finish
+            );
+        }
+        println!("{}{}", a.prompt, g.text);
+    }
+    eprintln!(
+        "[{} new tokens in {:.2}s, {:.1} tokens/s]",
+        new_tokens,
+        secs,
+        new_tokens as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let device = osp::device(&a.model.device)?;
+    let lm = load_model(
+        &a.model.model,
+        a.model.tokenizer.as_deref(),
+        &device,
+        Trainable::None,
+    )?;
+    let c = &lm.model.cfg;
+    println!("source:            {}", lm.source);
+    println!(
+        "architecture:      {} (decoder-only, RMSNorm, rotary, SwiGLU)",
+        c.model_type
+    );
+    println!("parameters:        {}", c.num_parameters());
+    println!("layers:            {}", c.num_hidden_layers);
+    println!("hidden size:       {}", c.hidden_size);
+    println!("mlp size:          {}", c.intermediate_size);
+    println!(
+        "attention heads:   {} query, {} key/value (head dim {})",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!("rope theta:        {}", c.rope_theta);
+    println!("rms norm eps:      {}", c.rms_norm_eps);
+    println!("max positions:     {}", c.max_position_embeddings);
+    println!("tied lm head:      {}", c.tie_word_embeddings);
+    println!("qkv bias:          {}", c.attention_bias);
+    println!("vocab size:        {}", c.vocab_size);
+    let t = &lm.tokenizer;
+    println!(
+        "tokenizer:         {} ({} tokens)",
+        t.kind(),
+        t.vocab_size()
+    );
+    println!(
+        "chat template:     {}",
+        if t.has_chat_template() { "yes" } else { "no" }
+    );
+    for (name, id) in t.special_tokens() {
+        println!("special token:     {name:<20} {id}");
+    }
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! A Llama-family decoder (llama, mistral, qwen2, llama2.c) in one file: RMSNorm, rotary
+//! embeddings, grouped-query attention, SwiGLU MLP, tied or untied LM head, optional biases.
+//! Weights carry their Hugging Face names.
+use super::config::ModelConfig;
+use super::ops::{rms_norm, rope, rope_tables, softmax_last_dim};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::HashMap;
+
+/// Large negative bias for masked attention scores; finite so that a fully masked (padding)
+/// query row softmaxes to a harmless uniform row instead of NaN.
+const MASKED: f32 = -1e30;
+
+/// Named tensors read from a checkpoint, consumed as the model is built.
+pub struct Weights {
+    map: HashMap<String, Tensor>,
+    /// Where the tensors came from, for error messages.
+    pub source: String,
+}
+
+impl Weights {
+    pub fn new(map: HashMap<String, Tensor>, source: impl Into<String>) -> Self {
+        Self {
+            map,
+            source: source.into(),
+        }
+    }
+
+    /// Removes and returns `name`, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .map
+            .remove(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.source))?;
+        if t.dims() != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                self.source,
+                t.dims(),
+                shape
+            );
+        }
+        Ok(t)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.map.remove(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+}
+
+/// Whether the base weights become trainable variables (full fine-tuning) or stay constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    None,
+    All,
+}
+
+/// Hands out tensors for the model, wrapping them in `Var`s when they are trained.
+struct Params<'a> {
+    weights: &'a mut Weights,
+    trainable: Trainable,
+    vars: Vec<(String, Var)>,
+}
+
+impl Params<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.weights.take(name, shape)?;
+        Ok(match self.trainable {
+            Trainable::None => t,
+            Trainable::All => {
+                let var = Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                self.vars.push((name.to_string(), var));
+                t
+            }
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let weight = self.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(self.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+/// y = x Wᵀ + b with W stored as [out, in], as in PyTorch.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    fn detach(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// x [b, t, d]; cos/sin [b, t, hd/2]; bias [b, 1, t, T] where T counts cached keys too.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, kvh, hd))?
+            .transpose(1, 2)?;
+        let q = rope(&q, cos, sin)?;
+        let mut k = rope(&k, cos, sin)?;
+        let mut v = v.contiguous()?;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying k/v: the n_rep query heads that share a kv
+        // head are contiguous, so q [b, h, t, hd] is viewed as [b, kvh, n_rep·t, hd].
+        let n_rep = h / kvh;
+        let q = q.reshape((b, kvh, n_rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, h, t, total))?.broadcast_add(bias)?;
+        let probs = softmax_last_dim(&scores)?.reshape((b, kvh, n_rep * t, total))?;
+        let y = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?;
+        self.o_proj.forward(&y.reshape((b, t, h * hd))?)
+    }
+}
+
+#[derive(Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Clone)]
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of cached positions (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The decoder with its LM head.
+#[derive(Clone)]
+pub struct Llama {
+    pub cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// None when tied to the embedding.
+    lm_head: Option<Linear>,
+    vars: Vec<(String, Var)>,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from named weights; every tensor the config implies must be present with
+    /// the right shape, and tensors the model would not use are an error (a silently ignored
+    /// weight is a wrong model).
+    pub fn new(cfg: &ModelConfig, mut weights: Weights, trainable: Trainable) -> Result<Self> {
+        cfg.validate()?;
+        let device = match weights.map.values().next() {
+            Some(t) => t.device().clone(),
+            None => bail!("{}: no tensors", weights.source),
+        };
+        let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
+        let (h, kvh, ff) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        if cfg.tie_word_embeddings {
+            // Some tied checkpoints store the head anyway; it must equal the embedding.
+            weights.remove("lm_head.weight");
+        }
+        let mut p = Params {
+            weights: &mut weights,
+            trainable,
+            vars: vec![],
+        };
+        let embed_tokens = p.get("model.embed_tokens.weight", &[v, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let pre = format!("model.layers.{i}");
+            let a = format!("{pre}.self_attn");
+            let m = format!("{pre}.mlp");
+            layers.push(Block {
+                input_layernorm: p.get(&format!("{pre}.input_layernorm.weight"), &[d])?,
+                self_attn: Attention {
+                    q_proj: p.linear(&format!("{a}.q_proj"), h * hd, d, cfg.attention_bias)?,
+                    k_proj: p.linear(&format!("{a}.k_proj"), kvh * hd, d, cfg.attention_bias)?,
+                    v_proj: p.linear(&format!("{a}.v_proj"), kvh * hd, d, cfg.attention_bias)?,
+                    o_proj: p.linear(&format!("{a}.o_proj"), d, h * hd, cfg.o_bias)?,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: p
+                    .get(&format!("{pre}.post_attention_layernorm.weight"), &[d])?,
+                mlp: Mlp {
+                    gate_proj: p.linear(&format!("{m}.gate_proj"), ff, d, cfg.mlp_bias)?,
+                    up_proj: p.linear(&format!("{m}.up_proj"), ff, d, cfg.mlp_bias)?,
+                    down_proj: p.linear(&format!("{m}.down_proj"), d, ff, cfg.mlp_bias)?,
+                },
+            });
+        }
+        let norm = p.get("model.norm.weight", &[d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(p.linear("lm_head", v, d, false)?)
+        };
+        let vars = std::mem::take(&mut p.vars);
+        let mut leftover: Vec<&String> = weights
+            .names()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        if !leftover.is_empty() {
+            leftover.sort();
+            bail!(
+                "{}: tensors the {} config does not use: {}",
+                weights.source,
+                cfg.model_type,
+                leftover
+                    .iter()
+                    .take(8)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            vars,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trainable variables with their Hugging Face names (empty unless built trainable).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// A copy that shares the weights' storage (so it sees optimiser updates) but records no
+    /// autograd graph: sampling and scoring use this.
+    pub fn detach(&self) -> Self {
+        let block = |b: &Block| Block {
+            input_layernorm: b.input_layernorm.detach(),
+            self_attn: Attention {
+                q_proj: b.self_attn.q_proj.detach(),
+                k_proj: b.self_attn.k_proj.detach(),
+                v_proj: b.self_attn.v_proj.detach(),
+                o_proj: b.self_attn.o_proj.detach(),
+                ..b.self_attn.clone()
+            },
+            post_attention_layernorm: b.post_attention_layernorm.detach(),
+            mlp: Mlp {
+                gate_proj: b.mlp.gate_proj.detach(),
+                up_proj: b.mlp.up_proj.detach(),
+                down_proj: b.mlp.down_proj.detach(),
+            },
+        };
+        Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.detach(),
+            layers: self.layers.iter().map(block).collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(Linear::detach),
+            vars: vec![],
+            device: self.device.clone(),
+        }
+    }
+
+    /// Every weight under its Hugging Face name (a tied head is not repeated).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        let mut lin = |name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        };
+        let mut norms = vec![];
+        for (i, b) in self.layers.iter().enumerate() {
+            let pre = format!("model.layers.{i}");
+            let a = &b.self_attn;
+            lin(format!("{pre}.self_attn.q_proj"), &a.q_proj);
+            lin(format!("{pre}.self_attn.k_proj"), &a.k_proj);
+            lin(format!("{pre}.self_attn.v_proj"), &a.v_proj);
+            lin(format!("{pre}.self_attn.o_proj"), &a.o_proj);
+            lin(format!("{pre}.mlp.gate_proj"), &b.mlp.gate_proj);
+            lin(format!("{pre}.mlp.up_proj"), &b.mlp.up_proj);
+            lin(format!("{pre}.mlp.down_proj"), &b.mlp.down_proj);
+            norms.push((
+                format!("{pre}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            norms.push((
+                format!("{pre}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
+        }
+        if let Some(h) = &self.lm_head {
+            lin("lm_head".to_string(), h);
+        }
+        out.extend(norms);
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out
+    }
+
+    /// Final hidden states [b, t, d] for `ids` [b, t] at `positions` [b, t] (u32), with additive
+    /// attention `bias` [b, 1, t, T]; with a cache, the new keys are appended to it.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (cos, sin) = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)
+            .context("token id out of the embedding's range")?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        let eps = self.cfg.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = rms_norm(&x, &layer.input_layernorm, eps)?;
+            x = (x + layer.self_attn.forward(&h, &cos, &sin, bias, layer_cache)?)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// LM-head logits for hidden states [.., d] → [.., vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(h) => h.forward(hidden),
+            None => Linear {
+                weight: self.embed_tokens.clone(),
+                bias: None,
+            }
+            .forward(hidden),
+        }
+    }
+
+    /// Logits [b, t, vocab] for a padded batch.
+    pub fn forward(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let h = self.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+        self.logits(&h)
+    }
+
+    /// Per-sequence sum of log π(token) over the tokens where `loss_mask` is true: the
+    /// log π(y|x) of every preference loss. `seqs[i]` is prompt + response, `loss_mask[i]` has
+    /// the same length and is true on response tokens (the first token is never scored).
+    pub fn sequence_logps(&self, seqs: &[Vec<u32>], loss_mask: &[Vec<bool>]) -> Result<Tensor> {
+        let (sum, _) = self.token_logps(seqs, loss_mask)?;
+        Ok(sum)
+    }
+
+    /// Like `sequence_logps`, also returning the per-token log-probabilities [b, t-1] (zero
+    /// where masked), for per-token losses and KL estimates.
+    pub fn token_logps(
+        &self,
+        seqs: &[Vec<u32>],
+        loss_mask: &[Vec<bool>],
+    ) -> Result<(Tensor, Tensor)> {
+        if seqs.len() != loss_mask.len() {
+            bail!(
+                "{} sequences but {} loss masks",
+                seqs.len(),
+                loss_mask.len()
+            );
+        }
+        for (i, (s, m)) in seqs.iter().zip(loss_mask).enumerate() {
+            if s.len() != m.len() {
+                bail!(
+                    "sequence {i}: {} tokens but a loss mask of {}",
+                    s.len(),
+                    m.len()
+                );
+            }
+            if s.len() < 2 {
+                bail!("sequence {i}: needs at least 2 tokens to score a response");
+            }
+        }
+        let batch = TokenBatch::right_padded(seqs, &self.device)?;
+        let t = batch.len;
+        let logits = self.forward(&batch)?.narrow(1, 0, t - 1)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = batch.ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
+        let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
+        let mask: Vec<f32> = loss_mask
+            .iter()
+            .flat_map(|m| {
+                (1..t).map(move |j| {
+                    if m.get(j).copied().unwrap_or(false) {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (seqs.len(), t - 1), &self.device)?;
+        let per_token = (picked * mask)?;
+        Ok((per_token.sum(1)?, per_token))
+    }
+}
+
+/// A padded batch on the device: token ids, per-sequence positions (padding does not shift
+/// them) and the additive causal + padding attention bias.
+pub struct TokenBatch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub bias: Tensor,
+    /// Which key positions are real tokens, per sequence.
+    pub key_mask: Vec<Vec<bool>>,
+    pub len: usize,
+}
+
+impl TokenBatch {
+    /// Sequences padded on the right (training and scoring).
+    pub fn right_padded(seqs: &[Vec<u32>], device: &Device) -> Result<Self> {
+        Self::padded(seqs, false, device)
+    }
+
+    /// Sequences padded on the left (prompts before generation, so that all end together).
+    pub fn left_padded(seqs: &[Vec<u32>], device: &Device) -> Result<Self> {
+        Self::padded(seqs, true, device)
+    }
+
+    fn padded(seqs: &[Vec<u32>], left: bool, device: &Device) -> Result<Self> {
+        if seqs.is_empty() {
+            bail!("empty batch");
+        }
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(seqs.len() * len);
+        let mut key_mask = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let pad = len - s.len();
+            let mut m = vec![true; len];
+            if left {
+                ids.extend(std::iter::repeat_n(0u32, pad).chain(s.iter().copied()));
+                m[..pad].iter_mut().for_each(|x| *x = false);
+            } else {
+                ids.extend(s.iter().copied().chain(std::iter::repeat_n(0u32, pad)));
+                m[len - pad..].iter_mut().for_each(|x| *x = false);
+            }
+            key_mask.push(m);
+        }
+        let ids = Tensor::from_vec(ids, (seqs.len(), len), device)?;
+        let positions = positions_from_mask(&key_mask, 0, device)?;
+        let bias = attention_bias(&key_mask, 0, len, device)?;
+        Ok(Self {
+            ids,
+            positions,
+            bias,
+            key_mask,
+            len,
+        })
+    }
+}
+
+/// Position of each query: the number of real tokens before it (HF generate's convention:
+/// cumsum(mask) − 1, clamped at 0), for queries `q_start..` of the key sequence.
+pub fn positions_from_mask(
+    key_mask: &[Vec<bool>],
+    q_start: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let len = key_mask.first().map(Vec::len).unwrap_or(0);
+    let q_len = len - q_start;
+    let mut pos = Vec::with_capacity(key_mask.len() * q_len);
+    for m in key_mask {
+        let mut count = 0u32;
+        for (j, &real) in m.iter().enumerate() {
+            count += real as u32;
+            if j >= q_start {
+                pos.push(count.saturating_sub(1));
+            }
+        }
+    }
+    Ok(Tensor::from_vec(pos, (key_mask.len(), q_len), device)?)
+}
+
+/// Additive bias [b, 1, q_len, T]: query i (absolute index q_start + i) sees key j when
+/// j ≤ q_start + i and key j is a real token.
+pub fn attention_bias(
+    key_mask: &[Vec<bool>],
+    q_start: usize,
+    q_len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = key_mask.first().map(Vec::len).unwrap_or(0);
+    let mut bias = Vec::with_capacity(key_mask.len() * q_len * total);
+    for m in key_mask {
+        for i in 0..q_len {
+            let qi = q_start + i;
+            bias.extend(
+                m.iter()
+                    .enumerate()
+                    .map(|(j, &real)| if real && j <= qi { 0.0 } else { MASKED }),
+            );
+        }
+    }
+    Ok(Tensor::from_vec(bias, (key_mask.len(), 1, q_len, total), device)?.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,9 @@
+//! The transformer, its configuration, its differentiable custom ops and checkpoint loading.
+pub mod config;
+pub mod llama;
+pub mod load;
+pub mod ops;
+
+pub use config::ModelConfig;
+pub use llama::{KvCache, Llama, TokenBatch, Trainable, Weights};
+pub use load::{load_model, LoadedModel};

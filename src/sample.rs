@@ -1,0 +1,293 @@
+//! Batched generation with a KV cache: temperature, top-k, top-p, stop at EOS or stop strings.
+//!
+//! Each request carries its own seed and random stream, and prompts are left-padded with
+//! per-sequence positions and masks, so a request's output does not depend on the rest of its
+//! batch.
+use crate::model::llama::{attention_bias, positions_from_mask};
+use crate::model::{KvCache, Llama, TokenBatch};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// How to pick tokens. Defaults follow transformers' `generate` with sampling on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy decoding.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1 = off).
+    pub top_p: f64,
+    /// Upper bound on generated tokens per request.
+    pub max_new_tokens: usize,
+    /// Stop when one of these strings appears in the generated text (it is cut off).
+    pub stop_strings: Vec<String>,
+    /// Stop at the tokenizer's end-of-sequence token(s).
+    pub stop_at_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 64,
+            stop_strings: vec![],
+            stop_at_eos: true,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            bail!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("top_p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(())
+    }
+}
+
+/// One prompt to continue, with the seed of its own random stream.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    StopString,
+    Length,
+}
+
+/// A generated continuation (prompt not included).
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated token ids; an EOS that ended generation is included.
+    pub tokens: Vec<u32>,
+    /// Decoded text, cut before a stop string.
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+/// Incremental decoding state for a batch: the cache plus which cached keys are real tokens.
+pub struct Decoder {
+    model: Llama,
+    cache: KvCache,
+    key_mask: Vec<Vec<bool>>,
+}
+
+impl Decoder {
+    /// Runs the prompts (left-padded) through the model; returns the decoder and the logits
+    /// [b, vocab] of each prompt's last token.
+    pub fn prefill(model: &Llama, prompts: &[Vec<u32>]) -> Result<(Self, Tensor)> {
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            bail!("prompt {i} is empty: start it with a BOS token");
+        }
+        let model = model.detach();
+        let batch = TokenBatch::left_padded(prompts, model.device())?;
+        let mut cache = KvCache::default();
+        let h =
+            model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, Some(&mut cache))?;
+        let last = h.narrow(1, batch.len - 1, 1)?;
+        let logits = model.logits(&last)?.squeeze(1)?;
+        Ok((
+            Self {
+                model,
+                cache,
+                key_mask: batch.key_mask,
+            },
+            logits,
+        ))
+    }
+
+    /// Appends one token per sequence; returns the next logits [b, vocab].
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let b = self.key_mask.len();
+        if tokens.len() != b {
+            bail!("step: {} tokens for a batch of {b}", tokens.len());
+        }
+        for m in &mut self.key_mask {
+            m.push(true);
+        }
+        let dev = self.model.device().clone();
+        let start = self.key_mask[0].len() - 1;
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &dev)?;
+        let positions = positions_from_mask(&self.key_mask, start, &dev)?;
+        let bias = attention_bias(&self.key_mask, start, 1, &dev)?;
+        let h = self
+            .model
+            .forward_hidden(&ids, &positions, &bias, Some(&mut self.cache))?;
+        Ok(self.model.logits(&h)?.squeeze(1)?)
+    }
+
+    /// Cached positions, padding included.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if p.temperature == 0.0 {
+        return argmax();
+    }
+    let t = p.temperature as f32;
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(i, &v)| (i as u32, v / t))
+        .collect();
+    if cand.is_empty() {
+        return argmax();
+    }
+    // Descending by logit, ties by index, so the order (and the draw) is reproducible.
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.truncate(p.top_k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f32> = cand.iter().map(|(_, v)| (v - max).exp()).collect();
+    let sum: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= sum);
+    if p.top_p < 1.0 {
+        let mut cum = 0f32;
+        let mut keep = 0;
+        for &q in &probs {
+            if cum >= p.top_p as f32 {
+                break;
+            }
+            cum += q;
+            keep += 1;
+        }
+        probs.truncate(keep.max(1));
+        let s: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= s);
+    }
+    let u: f32 = rng.random();
+    let mut acc = 0f32;
+    for (i, q) in probs.iter().enumerate() {
+        acc += q;
+        if u < acc {
+            return cand[i].0;
+        }
+    }
+    cand[probs.len() - 1].0
+}
+
+/// Generates a continuation for every request, in one batch.
+pub fn generate(
+    model: &Llama,
+    tok: &Tokenizer,
+    requests: &[Request],
+    params: &SamplingParams,
+) -> Result<Vec<Generation>> {
+    params.validate()?;
+    if requests.is_empty() {
+        return Ok(vec![]);
+    }
+    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let limit = model.cfg.max_position_embeddings;
+    if longest + params.max_new_tokens > limit {
+        bail!(
+            "a prompt of {longest} tokens plus {} new tokens exceeds the model's {limit} positions",
+            params.max_new_tokens
+        );
+    }
+    let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
+    let mut rngs: Vec<ChaCha8Rng> = requests
+        .iter()
+        .map(|r| ChaCha8Rng::seed_from_u64(r.seed))
+        .collect();
+    let eos: &[u32] = if params.stop_at_eos {
+        tok.eos_ids()
+    } else {
+        &[]
+    };
+    let n = requests.len();
+    let mut out: Vec<Vec<u32>> = vec![vec![]; n];
+    let mut finish: Vec<Option<FinishReason>> = vec![None; n];
+    let mut texts: Vec<Option<String>> = vec![None; n];
+    if params.max_new_tokens == 0 {
+        return Ok((0..n)
+            .map(|_| Generation {
+                tokens: vec![],
+                text: String::new(),
+                finish: FinishReason::Length,
+            })
+            .collect());
+    }
+    let (mut dec, mut logits) = Decoder::prefill(model, &prompts)?;
+    for step in 0..params.max_new_tokens {
+        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let mut next = vec![0u32; n];
+        for i in 0..n {
+            if finish[i].is_some() {
+                // Finished rows keep decoding a harmless token; their output is frozen.
+                next[i] = *out[i].last().unwrap_or(&0);
+                continue;
+            }
+            let t = sample_token(&rows[i], params, &mut rngs[i]);
+            next[i] = t;
+            out[i].push(t);
+            if eos.contains(&t) {
+                finish[i] = Some(FinishReason::Eos);
+            } else if !params.stop_strings.is_empty() {
+                let text = tok.decode(&out[i])?;
+                if let Some(cut) = params
+                    .stop_strings
+                    .iter()
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min()
+                {
+                    texts[i] = Some(text[..cut].to_string());
+                    finish[i] = Some(FinishReason::StopString);
+                }
+            }
+        }
+        if finish.iter().all(Option::is_some) || step + 1 == params.max_new_tokens {
+            break;
+        }
+        logits = dec.step(&next)?;
+    }
+    (0..n)
+        .map(|i| {
+            let text = match texts[i].take() {
+                Some(t) => t,
+                None => tok.decode(&out[i])?,
+            };
+            Ok(Generation {
+                tokens: std::mem::take(&mut out[i]),
+                text,
+                finish: finish[i].unwrap_or(FinishReason::Length),
+            })
+        })
+        .collect()
+}
