@@ -97,7 +97,7 @@ impl Decoder {
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             bail!("prompt {i} is empty: start it with a BOS token");
         }
-        let model = model.detach();
+        let model = model.snapshot()?;
         let batch = TokenBatch::left_padded(prompts, model.device())?;
         let mut cache = KvCache::default();
         let h =
@@ -202,6 +202,21 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) ->
     cand[probs.len() - 1].0
 }
 
+/// The text that `generated` adds after `prompt`. Decoding the continuation alone can differ
+/// at the seam (SentencePiece-style tokenizers drop a leading space after BOS, byte-level
+/// BPE may split a character), so decode a little prompt context with it and cut that off.
+pub fn continuation_text(tok: &Tokenizer, prompt: &[u32], generated: &[u32]) -> Result<String> {
+    let ctx = &prompt[prompt.len().saturating_sub(8)..];
+    let before = tok.decode(ctx)?;
+    let mut ids = ctx.to_vec();
+    ids.extend_from_slice(generated);
+    let full = tok.decode(&ids)?;
+    match full.strip_prefix(before.as_str()) {
+        Some(rest) => Ok(rest.to_string()),
+        None => tok.decode(generated),
+    }
+}
+
 /// Generates a continuation for every request, in one batch.
 pub fn generate(
     model: &Llama,
@@ -260,7 +275,7 @@ pub fn generate(
             if eos.contains(&t) {
                 finish[i] = Some(FinishReason::Eos);
             } else if !params.stop_strings.is_empty() {
-                let text = tok.decode(&out[i])?;
+                let text = continuation_text(tok, &prompts[i], &out[i])?;
                 if let Some(cut) = params
                     .stop_strings
                     .iter()
@@ -281,7 +296,7 @@ pub fn generate(
         .map(|i| {
             let text = match texts[i].take() {
                 Some(t) => t,
-                None => tok.decode(&out[i])?,
+                None => continuation_text(tok, &prompts[i], &out[i])?,
             };
             Ok(Generation {
                 tokens: std::mem::take(&mut out[i]),

@@ -162,7 +162,9 @@ impl Tokenizer {
             source: path.to_path_buf(),
             vocab_size,
             bos: Some(LLAMA2C_BOS),
-            eos: vec![LLAMA2C_EOS],
+            // llama2.c's run.c ends a story when BOS is sampled: the training data delimit
+            // stories with BOS, so the models rarely emit EOS. Both end generation.
+            eos: vec![LLAMA2C_EOS, LLAMA2C_BOS],
             pad: None,
             unk: Some(LLAMA2C_UNK),
             chat: None,

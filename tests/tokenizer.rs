@@ -135,7 +135,7 @@ fn llama2c_basic_roundtrip_and_bos() {
     assert_eq!(tok.kind(), "llama2.c");
     assert_eq!(tok.vocab_size(), 512);
     assert_eq!(tok.bos_id(), Some(1));
-    assert_eq!(tok.eos_ids(), &[2]);
+    assert_eq!(tok.eos_ids(), &[2, 1]);
     assert_eq!(tok.pad_id(), None);
     assert!(!tok.has_chat_template());
 

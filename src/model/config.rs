@@ -54,18 +54,37 @@ impl ModelConfig {
         if act != "silu" {
             bail!("field `hidden_act`: activation \"{act}\" is not supported (only silu)");
         }
-        if let Some(rs) = v.get("rope_scaling") {
-            if !rs.is_null() {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("?");
-                if kind != "default" {
-                    bail!("field `rope_scaling`: rope scaling \"{kind}\" is not supported; only plain rotary embeddings are");
-                }
+        // transformers < 5 writes `rope_theta` and `rope_scaling`; transformers 5 writes
+        // `rope_parameters: {rope_type, rope_theta, ...}`. Read both; refuse any scaling.
+        let rope_params = v.get("rope_parameters").filter(|r| !r.is_null());
+        for (field, rs) in [
+            ("rope_scaling", v.get("rope_scaling")),
+            ("rope_parameters", rope_params),
+        ] {
+            let Some(rs) = rs.filter(|r| !r.is_null()) else {
+                continue;
+            };
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                bail!("field `{field}`: rope scaling \"{kind}\" is not supported; only plain rotary embeddings are");
             }
         }
+        let nested_theta = match rope_params.and_then(|r| r.get("rope_theta")) {
+            None => None,
+            Some(t) => Some(t.as_f64().ok_or_else(|| {
+                anyhow!("field `rope_parameters.rope_theta`: expected a number, found {t}")
+            })?),
+        };
+        let rope_theta = match (f.f64("rope_theta")?, nested_theta) {
+            (Some(a), Some(b)) if a != b => {
+                bail!("fields `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree")
+            }
+            (a, b) => a.or(b).unwrap_or(10000.0),
+        };
         // Sliding-window attention changes which keys are visible; refusing is safer than
         // silently attending to the whole context.
         let sliding = match model_type.as_str() {
@@ -110,7 +129,7 @@ impl ModelConfig {
             num_key_value_heads: kv_heads,
             head_dim,
             rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.f64("rope_theta")?.unwrap_or(10000.0),
+            rope_theta,
             max_position_embeddings: f.usize("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: attention_bias || model_type == "qwen2",
@@ -140,7 +159,10 @@ impl ModelConfig {
                 bail!("field `{name}` must be positive");
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "field `num_key_value_heads`: {} does not divide num_attention_heads {}",
                 self.num_key_value_heads,

@@ -87,7 +87,7 @@ impl Params<'_> {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 }
 
@@ -96,6 +96,11 @@ impl Params<'_> {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Wᵀ materialised as a contiguous [in, out] tensor, in snapshots. candle's matmul with a
+    /// contiguous right-hand side is 15–20% faster than with a transposed view, and its result
+    /// for a row does not depend on how many rows are in the batch (with the transposed view it
+    /// does, for 4 rows or fewer), which keeps cached decoding equal to the full forward.
+    weight_t: Option<Tensor>,
 }
 
 impl Linear {
@@ -103,7 +108,10 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = match &self.weight_t {
+            Some(wt) => x.reshape((rows, inp))?.matmul(wt)?,
+            None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -113,11 +121,22 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
-    fn detach(&self) -> Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight: self.weight.detach(),
-            bias: self.bias.as_ref().map(Tensor::detach),
+            weight,
+            bias,
+            weight_t: None,
         }
+    }
+
+    /// A frozen copy with its own storage and the transposed weight materialised.
+    fn snapshot(&self) -> Result<Self> {
+        let weight = self.weight.detach().copy()?;
+        Ok(Self {
+            weight_t: Some(weight.t()?.contiguous()?),
+            weight,
+            bias: self.bias.as_ref().map(|b| b.detach().copy()).transpose()?,
+        })
     }
 }
 
@@ -174,7 +193,9 @@ impl Attention {
         // head are contiguous, so q [b, h, t, hd] is viewed as [b, kvh, n_rep·t, hd].
         let n_rep = h / kvh;
         let q = q.reshape((b, kvh, n_rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        // A contiguous kᵀ: faster, and row results independent of the number of query rows
+        // (see Linear::weight_t).
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.reshape((b, h, t, total))?.broadcast_add(bias)?;
         let probs = softmax_last_dim(&scores)?.reshape((b, kvh, n_rep * t, total))?;
         let y = probs.matmul(&v)?.reshape((b, h, t, hd))?.transpose(1, 2)?;
@@ -333,34 +354,46 @@ impl Llama {
         &self.vars
     }
 
-    /// A copy that shares the weights' storage (so it sees optimiser updates) but records no
-    /// autograd graph: sampling and scoring use this.
-    pub fn detach(&self) -> Self {
-        let block = |b: &Block| Block {
-            input_layernorm: b.input_layernorm.detach(),
-            self_attn: Attention {
-                q_proj: b.self_attn.q_proj.detach(),
-                k_proj: b.self_attn.k_proj.detach(),
-                v_proj: b.self_attn.v_proj.detach(),
-                o_proj: b.self_attn.o_proj.detach(),
-                ..b.self_attn.clone()
-            },
-            post_attention_layernorm: b.post_attention_layernorm.detach(),
-            mlp: Mlp {
-                gate_proj: b.mlp.gate_proj.detach(),
-                up_proj: b.mlp.up_proj.detach(),
-                down_proj: b.mlp.down_proj.detach(),
-            },
+    /// A frozen copy for sampling and scoring: its own storage (later optimiser steps do not
+    /// change it), no autograd graph, and matmul-friendly weight layouts. Costs one copy of the
+    /// weights, which the faster matmuls repay within a few decoding steps.
+    pub fn snapshot(&self) -> Result<Self> {
+        let frozen = |t: &Tensor| t.detach().copy();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for b in &self.layers {
+            let a = &b.self_attn;
+            layers.push(Block {
+                input_layernorm: frozen(&b.input_layernorm)?,
+                self_attn: Attention {
+                    q_proj: a.q_proj.snapshot()?,
+                    k_proj: a.k_proj.snapshot()?,
+                    v_proj: a.v_proj.snapshot()?,
+                    o_proj: a.o_proj.snapshot()?,
+                    ..a.clone()
+                },
+                post_attention_layernorm: frozen(&b.post_attention_layernorm)?,
+                mlp: Mlp {
+                    gate_proj: b.mlp.gate_proj.snapshot()?,
+                    up_proj: b.mlp.up_proj.snapshot()?,
+                    down_proj: b.mlp.down_proj.snapshot()?,
+                },
+            });
+        }
+        let embed_tokens = frozen(&self.embed_tokens)?;
+        // A tied head gets its own transposed copy; the embedding stays as the lookup table.
+        let lm_head = match &self.lm_head {
+            Some(h) => h.snapshot()?,
+            None => Linear::new(embed_tokens.clone(), None).snapshot()?,
         };
-        Self {
+        Ok(Self {
             cfg: self.cfg.clone(),
-            embed_tokens: self.embed_tokens.detach(),
-            layers: self.layers.iter().map(block).collect(),
-            norm: self.norm.detach(),
-            lm_head: self.lm_head.as_ref().map(Linear::detach),
+            embed_tokens,
+            layers,
+            norm: frozen(&self.norm)?,
+            lm_head: Some(lm_head),
             vars: vec![],
             device: self.device.clone(),
-        }
+        })
     }
 
     /// Every weight under its Hugging Face name (a tied head is not repeated).
@@ -395,7 +428,7 @@ impl Llama {
                 b.post_attention_layernorm.clone(),
             ));
         }
-        if let Some(h) = &self.lm_head {
+        if let (Some(h), false) = (&self.lm_head, self.cfg.tie_word_embeddings) {
             lin("lm_head".to_string(), h);
         }
         out.extend(norms);
@@ -437,11 +470,7 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.lm_head {
             Some(h) => h.forward(hidden),
-            None => Linear {
-                weight: self.embed_tokens.clone(),
-                bias: None,
-            }
-            .forward(hidden),
+            None => Linear::new(self.embed_tokens.clone(), None).forward(hidden),
         }
     }
 
@@ -489,7 +518,11 @@ impl Llama {
         let t = batch.len;
         let logits = self.forward(&batch)?.narrow(1, 0, t - 1)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = batch.ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?;
+        let targets = batch
+            .ids
+            .narrow(1, 1, t - 1)?
+            .contiguous()?
+            .unsqueeze(D::Minus1)?;
         let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?;
         let mask: Vec<f32> = loss_mask
             .iter()

@@ -44,8 +44,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if is_cpu_f32(x) {
         x.contiguous()?.apply_op1(Softmax)
     } else {
-        candle_nn::ops::softmax(x, D::Minus1)
+        softmax_composed(x)
     }
+}
+
+/// Softmax from basic ops (the reference the fused op is tested against).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
 }
 
 struct Softmax;
@@ -115,9 +120,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
     } else {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+        rms_norm_composed(x, w, eps)
     }
+}
+
+/// RMSNorm from basic ops (the reference the fused op is tested against).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
 }
 
 #[derive(Clone, Copy)]
@@ -255,15 +265,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             Rope { inverse: false },
         )
     } else {
-        let half = x.dim(D::Minus1)? / 2;
-        let cos = cos.unsqueeze(1)?;
-        let sin = sin.unsqueeze(1)?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Tensor::cat(&[y1, y2], D::Minus1)
+        rope_composed(x, cos, sin)
     }
+}
+
+/// Rotary embeddings from basic ops (the reference the fused op is tested against).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let cos = cos.unsqueeze(1)?;
+    let sin = sin.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[y1, y2], D::Minus1)
 }
 
 /// Rotation by the table's angles; `inverse` rotates by their negation, which is the backward.
