@@ -119,3 +119,25 @@ fn rope_forward_and_gradient() {
     let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(2, 0, 1).unwrap();
     assert!(max_abs_diff(&first(&y), &first(&x)) < 1e-7);
 }
+
+#[test]
+fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
+    let x = randn(&[5, 6], 7);
+    let w = randn(&[4, 6], 8);
+    let frozen = |x: &Tensor| ops::frozen_linear(x, &w).unwrap();
+    let plain = |x: &Tensor| x.matmul(&w.t().unwrap()).unwrap();
+    assert!(max_abs_diff(&frozen(&x), &plain(&x)) < 1e-6);
+    let g = check_grad(&x, &frozen, 15);
+    assert!(max_abs_diff(&g, &autograd(&x, &plain, 15)) < 1e-5);
+    // Even with the weight a variable, the op computes no gradient for it.
+    let wv = Var::from_tensor(&w).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let grads = ops::frozen_linear(xv.as_tensor(), wv.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(xv.as_tensor()).is_some());
+    assert!(grads.get(wv.as_tensor()).is_none());
+}

@@ -54,6 +54,13 @@ pub fn normal_vec(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Uniform draws in [-bound, bound).
+pub fn uniform_vec(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
+        .collect()
+}
+
 /// Random weights: matrices ~ N(0, std²), norm weights 1, biases 0.
 pub fn random_weights(cfg: &ModelConfig, seed: u64, std: f32, device: &Device) -> Result<Weights> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -2,10 +2,14 @@
 //! embeddings, grouped-query attention, SwiGLU MLP, tied or untied LM head, optional biases.
 //! Weights carry their Hugging Face names.
 use super::config::ModelConfig;
-use super::ops::{rms_norm, rope, rope_tables, softmax_last_dim};
+use super::ops::{frozen_linear, rms_norm, rope, rope_tables, softmax_last_dim};
+use crate::lora::{peft_name, LoraConfig, LoraContext, LoraLayer};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Large negative bias for masked attention scores; finite so that a fully masked (padding)
 /// query row softmaxes to a harmless uniform row instead of NaN.
@@ -52,32 +56,41 @@ impl Weights {
     }
 }
 
-/// Whether the base weights become trainable variables (full fine-tuning) or stay constants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What training updates: nothing, every weight (full fine-tuning), or LoRA adapters on a
+/// frozen base.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Trainable {
     None,
     All,
+    /// Fresh adapters (A Kaiming-uniform from `seed`, B zero), base weights constant.
+    Lora {
+        config: LoraConfig,
+        seed: u64,
+    },
 }
 
 /// Hands out tensors for the model, wrapping them in `Var`s when they are trained.
 struct Params<'a> {
     weights: &'a mut Weights,
-    trainable: Trainable,
+    trainable: &'a Trainable,
     vars: Vec<(String, Var)>,
+    lora: Option<(ChaCha8Rng, Arc<LoraContext>)>,
 }
 
 impl Params<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.weights.take(name, shape)?;
         Ok(match self.trainable {
-            Trainable::None => t,
-            Trainable::All => {
-                let var = Var::from_tensor(&t)?;
-                let t = var.as_tensor().clone();
-                self.vars.push((name.to_string(), var));
-                t
-            }
+            Trainable::All => self.var(name, &t)?,
+            _ => t,
         })
+    }
+
+    fn var(&mut self, name: &str, t: &Tensor) -> Result<Tensor> {
+        let var = Var::from_tensor(t)?;
+        let t = var.as_tensor().clone();
+        self.vars.push((name.to_string(), var));
+        Ok(t)
     }
 
     fn linear(&mut self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -87,11 +100,23 @@ impl Params<'_> {
         } else {
             None
         };
-        Ok(Linear::new(weight, bias))
+        let mut linear = Linear::new(weight, bias);
+        if let (Trainable::Lora { config, .. }, Some((rng, ctx))) =
+            (self.trainable, self.lora.as_mut())
+        {
+            if config.targets(prefix) {
+                let dev = linear.weight.device().clone();
+                let (a, b, mut layer) = LoraLayer::init(config, out, inp, rng, &dev, ctx.clone())?;
+                layer.a = self.var(&peft_name(prefix, 'A'), &a)?;
+                layer.b = self.var(&peft_name(prefix, 'B'), &b)?;
+                linear.lora = Some(layer);
+            }
+        }
+        Ok(linear)
     }
 }
 
-/// y = x Wᵀ + b with W stored as [out, in], as in PyTorch.
+/// y = x Wᵀ + b (+ a LoRA update) with W stored as [out, in], as in PyTorch.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -101,6 +126,7 @@ pub struct Linear {
     /// for a row does not depend on how many rows are in the batch (with the transposed view it
     /// does, for 4 rows or fewer), which keeps cached decoding equal to the full forward.
     weight_t: Option<Tensor>,
+    pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
@@ -108,12 +134,19 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
         let rows = x.elem_count() / inp.max(1);
+        let x2 = x.reshape((rows, inp))?;
         let y = match &self.weight_t {
-            Some(wt) => x.reshape((rows, inp))?.matmul(wt)?,
-            None => x.reshape((rows, inp))?.matmul(&self.weight.t()?)?,
+            Some(wt) => x2.matmul(wt)?,
+            // Constant weights get no gradient computed (candle would compute one anyway).
+            None if !self.weight.is_variable() => frozen_linear(&x2, &self.weight)?,
+            None => x2.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => (y + l.delta(&x2)?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -126,17 +159,44 @@ impl Linear {
             weight,
             bias,
             weight_t: None,
+            lora: None,
         }
     }
 
-    /// A frozen copy with its own storage and the transposed weight materialised.
+    /// The base weight with the adapter folded in (W + scale·B·A), detached.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.weight.detach();
+        Ok(match &self.lora {
+            Some(l) => (w + l.merged_delta()?)?,
+            None => w.copy()?,
+        })
+    }
+
+    /// A frozen copy with its own storage, the adapter merged and the transposed weight
+    /// materialised.
     fn snapshot(&self) -> Result<Self> {
-        let weight = self.weight.detach().copy()?;
+        let weight = self.merged_weight()?;
         Ok(Self {
             weight_t: Some(weight.t()?.contiguous()?),
             weight,
             bias: self.bias.as_ref().map(|b| b.detach().copy()).transpose()?,
+            lora: None,
         })
+    }
+
+    fn without_adapter(&self) -> Self {
+        Self {
+            lora: None,
+            ..self.clone()
+        }
+    }
+
+    /// A copy with the adapter merged into a plain weight (for export).
+    fn merged(&self) -> Result<Self> {
+        Ok(Self::new(
+            self.merged_weight()?,
+            self.bias.as_ref().map(|b| b.detach().copy()).transpose()?,
+        ))
     }
 }
 
@@ -255,6 +315,8 @@ pub struct Llama {
     /// None when tied to the embedding.
     lm_head: Option<Linear>,
     vars: Vec<(String, Var)>,
+    /// The adapters' configuration and shared state, when built with `Trainable::Lora`.
+    lora: Option<(LoraConfig, Arc<LoraContext>)>,
     device: Device,
 }
 
@@ -278,10 +340,23 @@ impl Llama {
             // Some tied checkpoints store the head anyway; it must equal the embedding.
             weights.remove("lm_head.weight");
         }
+        let lora = match &trainable {
+            Trainable::Lora { config, seed } => {
+                config.validate()?;
+                Some((config.clone(), LoraContext::new(seed.wrapping_add(1))))
+            }
+            _ => None,
+        };
         let mut p = Params {
             weights: &mut weights,
-            trainable,
+            trainable: &trainable,
             vars: vec![],
+            lora: match (&trainable, &lora) {
+                (Trainable::Lora { seed, .. }, Some((_, ctx))) => {
+                    Some((ChaCha8Rng::seed_from_u64(*seed), ctx.clone()))
+                }
+                _ => None,
+            },
         };
         let embed_tokens = p.get("model.embed_tokens.weight", &[v, d])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -341,6 +416,7 @@ impl Llama {
             norm,
             lm_head,
             vars,
+            lora,
             device,
         })
     }
@@ -355,45 +431,119 @@ impl Llama {
     }
 
     /// A frozen copy for sampling and scoring: its own storage (later optimiser steps do not
-    /// change it), no autograd graph, and matmul-friendly weight layouts. Costs one copy of the
-    /// weights, which the faster matmuls repay within a few decoding steps.
+    /// change it), the adapter merged in, no autograd graph, and matmul-friendly weight
+    /// layouts. Costs one copy of the weights, which faster matmuls repay within a few steps.
     pub fn snapshot(&self) -> Result<Self> {
-        let frozen = |t: &Tensor| t.detach().copy();
+        let mut s = self.map_linears(&|l: &Linear| l.snapshot(), true)?;
+        if s.lm_head.is_none() {
+            // A tied head gets its own transposed copy; the embedding stays the lookup table.
+            s.lm_head = Some(Linear::new(s.embed_tokens.clone(), None).snapshot()?);
+        }
+        Ok(s)
+    }
+
+    /// The reference policy πref: the same weights with every adapter switched off. Shares
+    /// all storage with `self`; no copy is made.
+    pub fn without_adapter(&self) -> Self {
+        self.map_linears(&|l: &Linear| Ok(l.without_adapter()), false)
+            .expect("dropping adapters cannot fail")
+    }
+
+    /// A plain model with the adapters merged into the base weights (for export).
+    pub fn merged(&self) -> Result<Self> {
+        self.map_linears(&|l: &Linear| l.merged(), true)
+    }
+
+    /// Rebuilds the model with `f` applied to every linear layer; `copy` gives the other
+    /// tensors their own detached storage. The result has no trainable variables.
+    fn map_linears(&self, f: &dyn Fn(&Linear) -> Result<Linear>, copy: bool) -> Result<Self> {
+        let t = |x: &Tensor| -> Result<Tensor> {
+            Ok(if copy { x.detach().copy()? } else { x.clone() })
+        };
         let mut layers = Vec::with_capacity(self.layers.len());
         for b in &self.layers {
             let a = &b.self_attn;
             layers.push(Block {
-                input_layernorm: frozen(&b.input_layernorm)?,
+                input_layernorm: t(&b.input_layernorm)?,
                 self_attn: Attention {
-                    q_proj: a.q_proj.snapshot()?,
-                    k_proj: a.k_proj.snapshot()?,
-                    v_proj: a.v_proj.snapshot()?,
-                    o_proj: a.o_proj.snapshot()?,
+                    q_proj: f(&a.q_proj)?,
+                    k_proj: f(&a.k_proj)?,
+                    v_proj: f(&a.v_proj)?,
+                    o_proj: f(&a.o_proj)?,
                     ..a.clone()
                 },
-                post_attention_layernorm: frozen(&b.post_attention_layernorm)?,
+                post_attention_layernorm: t(&b.post_attention_layernorm)?,
                 mlp: Mlp {
-                    gate_proj: b.mlp.gate_proj.snapshot()?,
-                    up_proj: b.mlp.up_proj.snapshot()?,
-                    down_proj: b.mlp.down_proj.snapshot()?,
+                    gate_proj: f(&b.mlp.gate_proj)?,
+                    up_proj: f(&b.mlp.up_proj)?,
+                    down_proj: f(&b.mlp.down_proj)?,
                 },
             });
         }
-        let embed_tokens = frozen(&self.embed_tokens)?;
-        // A tied head gets its own transposed copy; the embedding stays as the lookup table.
-        let lm_head = match &self.lm_head {
-            Some(h) => h.snapshot()?,
-            None => Linear::new(embed_tokens.clone(), None).snapshot()?,
-        };
         Ok(Self {
             cfg: self.cfg.clone(),
-            embed_tokens,
+            embed_tokens: t(&self.embed_tokens)?,
             layers,
-            norm: frozen(&self.norm)?,
-            lm_head: Some(lm_head),
+            norm: t(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(f).transpose()?,
             vars: vec![],
+            lora: None,
             device: self.device.clone(),
         })
+    }
+
+    /// The LoRA configuration, when the model carries adapters.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref().map(|(c, _)| c)
+    }
+
+    /// Shared adapter state (train mode, dropout RNG), when the model carries adapters.
+    pub fn lora_context(&self) -> Option<&Arc<LoraContext>> {
+        self.lora.as_ref().map(|(_, c)| c)
+    }
+
+    /// Training mode turns on LoRA dropout; evaluation and sampling run without it.
+    pub fn set_training(&self, on: bool) {
+        if let Some((_, ctx)) = &self.lora {
+            ctx.set_training(on);
+        }
+    }
+
+    /// Overwrites the trainable variables with tensors of the same names (a saved adapter or
+    /// checkpoint). Every variable must be present with its shape, and nothing else.
+    pub fn load_vars(&self, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
+        for (name, var) in &self.vars {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| anyhow!("{source}: tensor `{name}` is missing"))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{source}: tensor `{name}` has shape {:?}, the model needs {:?}",
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_device(&self.device)?)?;
+        }
+        if tensors.len() != self.vars.len() {
+            let known: std::collections::HashSet<&str> =
+                self.vars.iter().map(|(n, _)| n.as_str()).collect();
+            let mut extra: Vec<&String> = tensors
+                .keys()
+                .filter(|n| !known.contains(n.as_str()))
+                .collect();
+            extra.sort();
+            bail!(
+                "{source}: tensors this model does not have: {}",
+                extra
+                    .iter()
+                    .take(8)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Every weight under its Hugging Face name (a tied head is not repeated).

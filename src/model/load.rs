@@ -147,7 +147,9 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
         )
     })?;
     let mut out = Vec::new();
-    for (name, view) in st.tensors() {
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0)); // deterministic order for callers that iterate
+    for (name, view) in views {
         let shape = view.shape().to_vec();
         let data = view.data();
         let t =

@@ -1,5 +1,6 @@
 //! The transformer, its configuration, its differentiable custom ops and checkpoint loading.
 pub mod config;
+pub mod export;
 pub mod init;
 pub mod llama;
 pub mod load;

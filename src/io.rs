@@ -1,0 +1,69 @@
+//! Crash-safe file writing: a file is either its old version or its complete new one.
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, fsynced and renamed
+/// over the target, then fsyncs the folder so the rename itself survives a crash.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    };
+    write()
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// fsync a folder, so renames and new entries in it are durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Serialises named f32 tensors in safetensors format (atomically); names are kept in order.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        anyhow::ensure!(
+            t.elem_count() > 0,
+            "refusing to save zero-sized tensor `{name}`"
+        );
+    }
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                t.detach()
+                    .contiguous()?
+                    .to_device(&candle_core::Device::Cpu)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let bytes =
+        safetensors::tensor::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .with_context(|| format!("cannot serialise tensors for {}", path.display()))?;
+    atomic_write(path, &bytes)
+}
+
+/// Writes pretty JSON atomically.
+pub fn save_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    atomic_write(path, text.as_bytes())
+}

@@ -1,0 +1,51 @@
+//! Writing Hugging Face model folders that transformers loads.
+use super::Llama;
+use crate::io::{save_json, save_safetensors};
+use crate::tokenizer::Tokenizer;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Tokenizer and generation files copied from the base model folder when present.
+const SIDE_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Writes `config.json`, `model.safetensors` (adapters merged in) and the base folder's
+/// tokenizer files into `out`.
+pub fn save_hf_model(
+    model: &Llama,
+    tok: &Tokenizer,
+    base: Option<&Path>,
+    out: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let merged = model.merged()?;
+    save_safetensors(&out.join("model.safetensors"), &merged.named_tensors())?;
+    let mut cfg = model.cfg.to_hf_json();
+    if cfg["bos_token_id"].is_null() {
+        cfg["bos_token_id"] = tok.bos_id().into();
+    }
+    save_json(&out.join("config.json"), &cfg)?;
+    let mut copied = 0;
+    if let Some(base) = base.filter(|b| b.is_dir()) {
+        for f in SIDE_FILES {
+            let src = base.join(f);
+            if src.exists() {
+                std::fs::copy(&src, out.join(f))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+                copied += 1;
+            }
+        }
+    }
+    if copied == 0 {
+        eprintln!(
+            "note: no Hugging Face tokenizer files to copy into {} (a llama2.c tokenizer has no tokenizer.json form)",
+            out.display()
+        );
+    }
+    Ok(())
+}
