@@ -1,7 +1,11 @@
 //! osp: Online Self-Preferring alignment of language models on candle.
+pub mod data;
+pub mod io;
+pub mod lora;
 pub mod model;
 pub mod sample;
 pub mod tokenizer;
+pub mod train;
 
 /// The device named on the command line: `cpu`, `cuda` or `cuda:N`.
 pub fn device(name: &str) -> anyhow::Result<candle_core::Device> {

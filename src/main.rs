@@ -26,6 +26,48 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Describe a model: architecture, parameter count, tokenizer, special tokens.
     Inspect(InspectArgs),
+    /// Supervised fine-tuning (LoRA or full) from a TOML config.
+    Sft(SftArgs),
+    /// Write a Hugging Face checkpoint with a LoRA adapter merged into its base.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct SftArgs {
+    /// The run's TOML config (see `osp sft --print-config` for every field and default).
+    #[arg(long, required_unless_present = "print_config")]
+    config: Option<PathBuf>,
+    /// Override a config field: --set section.field=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in train.out from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many optimiser steps (with a checkpoint); continue later with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Print the documented default config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The base model (Hugging Face folder or llama2.c .bin).
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer, when it is not beside the model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// PEFT adapter folder (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Merge the adapter into the base weights (the only export osp writes today).
+    #[arg(long)]
+    merge: bool,
+    /// Output folder for config.json, model.safetensors and tokenizer files.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -87,6 +129,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Inspect(a) => cmd_inspect(a),
+        Cmd::Sft(a) => cmd_sft(a),
+        Cmd::Export(a) => cmd_export(a),
     }
 }
 
@@ -184,5 +228,45 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     for (name, id) in t.special_tokens() {
         println!("special token:     {name:<20} {id}");
     }
+    Ok(())
+}
+
+fn cmd_sft(a: SftArgs) -> Result<()> {
+    if a.print_config {
+        print!("{}", osp::train::sft::SFT_TEMPLATE);
+        return Ok(());
+    }
+    let cfg = osp::train::sft::SftConfig::load(a.config.as_deref(), &a.set)?;
+    let out = osp::train::sft::run_sft(&cfg, a.resume, a.stop_after)?;
+    for (step, loss) in &out.eval_losses {
+        eprintln!("eval loss at step {step}: {loss:.4}");
+    }
+    if out.output.as_os_str().is_empty() {
+        eprintln!(
+            "stopped early; continue with --resume (run folder {})",
+            out.run_dir.display()
+        );
+    } else {
+        eprintln!("saved {}", out.output.display());
+    }
+    Ok(())
+}
+
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    anyhow::ensure!(a.merge, "only merged exports exist: pass --merge (the adapter folder itself is already PEFT's format)");
+    let cfg = osp::lora::LoraConfig::from_peft_dir(&a.adapter)?;
+    let trainable = Trainable::Lora {
+        config: cfg,
+        seed: 0,
+    };
+    let lm = load_model(
+        &a.model,
+        a.tokenizer.as_deref(),
+        &candle_core::Device::Cpu,
+        trainable,
+    )?;
+    osp::lora::load_adapter(&lm.model, &a.adapter)?;
+    osp::model::export::save_hf_model(&lm.model, &lm.tokenizer, Some(&a.model), &a.out)?;
+    eprintln!("wrote {}", a.out.display());
     Ok(())
 }
