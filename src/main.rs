@@ -81,6 +81,27 @@ struct ModelArgs {
     /// Device: cpu, or cuda / cuda:N with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// A LoRA adapter folder (PEFT format) to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<osp::model::LoadedModel> {
+        let device = osp::device(&self.device)?;
+        let trainable = match &self.adapter {
+            Some(dir) => Trainable::Lora {
+                config: osp::lora::LoraConfig::from_peft_dir(dir)?,
+                seed: 0,
+            },
+            None => Trainable::None,
+        };
+        let lm = load_model(&self.model, self.tokenizer.as_deref(), &device, trainable)?;
+        if let Some(dir) = &self.adapter {
+            osp::lora::load_adapter(&lm.model, dir)?;
+        }
+        Ok(lm)
+    }
 }
 
 #[derive(clap::Args)]
@@ -135,13 +156,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let device = osp::device(&a.model.device)?;
-    let lm = load_model(
-        &a.model.model,
-        a.model.tokenizer.as_deref(),
-        &device,
-        Trainable::None,
-    )?;
+    let lm = a.model.load()?;
     let tok = &lm.tokenizer;
     let prompt = if a.prompt.is_empty() {
         let bos = tok
@@ -188,13 +203,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
-    let device = osp::device(&a.model.device)?;
-    let lm = load_model(
-        &a.model.model,
-        a.model.tokenizer.as_deref(),
-        &device,
-        Trainable::None,
-    )?;
+    let lm = a.model.load()?;
     let c = &lm.model.cfg;
     println!("source:            {}", lm.source);
     println!(
@@ -253,19 +262,17 @@ fn cmd_sft(a: SftArgs) -> Result<()> {
 }
 
 fn cmd_export(a: ExportArgs) -> Result<()> {
-    anyhow::ensure!(a.merge, "only merged exports exist: pass --merge (the adapter folder itself is already PEFT's format)");
-    let cfg = osp::lora::LoraConfig::from_peft_dir(&a.adapter)?;
-    let trainable = Trainable::Lora {
-        config: cfg,
-        seed: 0,
+    anyhow::ensure!(
+        a.merge,
+        "only merged exports exist: pass --merge (the adapter folder itself is already PEFT's format)"
+    );
+    let args = ModelArgs {
+        model: a.model.clone(),
+        tokenizer: a.tokenizer,
+        device: "cpu".into(),
+        adapter: Some(a.adapter),
     };
-    let lm = load_model(
-        &a.model,
-        a.tokenizer.as_deref(),
-        &candle_core::Device::Cpu,
-        trainable,
-    )?;
-    osp::lora::load_adapter(&lm.model, &a.adapter)?;
+    let lm = args.load()?;
     osp::model::export::save_hf_model(&lm.model, &lm.tokenizer, Some(&a.model), &a.out)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

@@ -126,3 +126,97 @@ fn bad_input_is_an_error_message_not_a_panic() {
     ]);
     assert!(!ok && err.contains("512 positions"), "{err}");
 }
+
+#[test]
+fn sft_then_export_merged_then_generate_the_same_text() {
+    let Some(bin) = shared_data("models/stories260K/stories260K.bin") else {
+        return;
+    };
+    let tok = bin.with_file_name("tok512.bin");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("train.jsonl");
+    let lines: Vec<String> = (0..16)
+        .map(|i| serde_json::json!({"prompt": format!("Tom saw {i} birds. Tom said"), "completion": " wow!"}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = tmp.path().join("run");
+    let config = tmp.path().join("sft.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = {:?}\n[train]\nsteps = 6\nbatch_size = 4\nout = {:?}\n[optim]\nlr = 0.02\n[data]\ntrain = {:?}\n",
+            bin.display().to_string(),
+            run.display().to_string(),
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = osp(&[
+        "sft",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "lora.r=4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("eval loss at step 6"), "{err}");
+    let adapter = run.join("adapter");
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = osp(&[
+        "export",
+        "--model",
+        bin.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merge",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let prompt = [
+        "--prompt",
+        "Tom saw 3 birds. Tom said",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    ];
+    let (ok, with_adapter, err) = osp(&[
+        &[
+            "generate",
+            "--model",
+            bin.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ],
+        &prompt[..],
+    ]
+    .concat());
+    assert!(ok, "{err}");
+    let (ok, from_merged, err) = osp(&[
+        &[
+            "generate",
+            "--model",
+            merged.to_str().unwrap(),
+            "--tokenizer",
+            tok.to_str().unwrap(),
+        ],
+        &prompt[..],
+    ]
+    .concat());
+    assert!(ok, "{err}");
+    assert_eq!(with_adapter, from_merged);
+    let (_, base, _) =
+        osp(&[&["generate", "--model", bin.to_str().unwrap()], &prompt[..]].concat());
+    assert_ne!(
+        base, with_adapter,
+        "the adapter should change greedy output after training on ' wow!'"
+    );
+    // The config printer shows every section.
+    let (ok, out, _) = osp(&["sft", "--print-config"]);
+    assert!(
+        ok && ["[model]", "[lora]", "[optim]", "[train]", "[data]"]
+            .iter()
+            .all(|s| out.contains(s))
+    );
+}

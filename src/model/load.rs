@@ -33,6 +33,9 @@ pub fn load_model(
         let weights = read_hf_weights(path, device)?;
         let tok = match tokenizer {
             Some(t) if t.is_dir() => Tokenizer::from_hf_dir(t)?,
+            Some(t) if t.extension().is_some_and(|e| e == "bin") => {
+                Tokenizer::from_llama2c(t, cfg.vocab_size)?
+            }
             Some(t) => Tokenizer::from_tokenizer_json(t)?,
             None => Tokenizer::from_hf_dir(path)?,
         };
