@@ -1,8 +1,12 @@
 //! osp: Online Self-Preferring alignment of language models on candle.
 pub mod data;
+pub mod eval;
 pub mod io;
+pub mod judge;
 pub mod lora;
+pub mod loss;
 pub mod model;
+pub mod pairing;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;

@@ -30,6 +30,55 @@ enum Cmd {
     Sft(SftArgs),
     /// Write a Hugging Face checkpoint with a LoRA adapter merged into its base.
     Export(ExportArgs),
+    /// Preference training: OSP, its ablations, online DPO, and offline DPO/IPO/cDPO/SPCE.
+    Train(RunArgs),
+    /// Preference augmentation: teach the model to judge from seed preferences.
+    JudgeTrain(RunArgs),
+    /// Score the model as a judge on labelled preference pairs.
+    Judge(JudgeArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The run's TOML config (see --print-config for every field and default).
+    #[arg(long, required_unless_present = "print_config")]
+    config: Option<PathBuf>,
+    /// The method (osp train only); overrides `method` in the config.
+    #[arg(long, value_enum)]
+    method: Option<osp::train::method::Method>,
+    /// Override a config field: --set section.field=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in train.out from its newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many optimiser steps (with a checkpoint); continue later with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Print the documented default config and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[derive(clap::Args)]
+struct JudgeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Labelled preference pairs (TRL JSON/JSONL, HH .jsonl.gz, TL;DR comparisons, PandaLM).
+    #[arg(long)]
+    data: PathBuf,
+    /// Data layout: auto, trl, hh, tldr, pandalm.
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// Judge only the first N pairs.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Judge settings: --set judge.field=value (as in a config's [judge] section).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +201,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Sft(a) => cmd_sft(a),
         Cmd::Export(a) => cmd_export(a),
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::JudgeTrain(a) => cmd_judge_train(a),
+        Cmd::Judge(a) => cmd_judge(a),
     }
 }
 
@@ -275,5 +327,121 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
     let lm = args.load()?;
     osp::model::export::save_hf_model(&lm.model, &lm.tokenizer, Some(&a.model), &a.out)?;
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_train(a: RunArgs) -> Result<()> {
+    use osp::train::method::TrainConfig;
+    if a.print_config {
+        print!("{}", osp::train::method::TRAIN_TEMPLATE);
+        return Ok(());
+    }
+    let cfg = TrainConfig::load(a.config.as_deref(), &a.set, a.method)?;
+    let output = if cfg.method.is_online() {
+        let mut run = osp::train::online::OnlineRun::new(&cfg, a.resume)?;
+        run.run(a.stop_after, |_| Ok(()))?
+    } else {
+        let out = osp::train::offline::run_offline(&cfg, a.resume, a.stop_after)?;
+        Some(out.output).filter(|p| !p.as_os_str().is_empty())
+    };
+    match output {
+        Some(p) => eprintln!("saved {}", p.display()),
+        None => eprintln!(
+            "stopped early; continue with --resume (run folder {})",
+            cfg.train.out.display()
+        ),
+    }
+    Ok(())
+}
+
+fn cmd_judge_train(a: RunArgs) -> Result<()> {
+    use osp::train::judge_train::{run_judge_train, JudgeTrainConfig, JUDGE_TRAIN_TEMPLATE};
+    if a.print_config {
+        print!("{JUDGE_TRAIN_TEMPLATE}");
+        return Ok(());
+    }
+    anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
+    anyhow::ensure!(
+        a.stop_after.is_none(),
+        "--stop-after is not supported by judge-train yet"
+    );
+    let cfg = JudgeTrainConfig::load(a.config.as_deref(), &a.set)?;
+    let out = run_judge_train(&cfg, a.resume)?;
+    for (when, r) in [("before", &out.before), ("after", &out.after)] {
+        eprintln!(
+            "judge {when}: accuracy {:.3}, ECE {:.3}, position bias {}, on {} held-out pairs",
+            r.accuracy,
+            r.ece,
+            r.position_bias_rate
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or("n/a".into()),
+            r.pairs
+        );
+    }
+    eprintln!("saved {}", out.output.display());
+    Ok(())
+}
+
+fn cmd_judge(a: JudgeArgs) -> Result<()> {
+    use osp::train::pairs::{load_pairs, DataFormat};
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sets {
+        judge: osp::judge::JudgeConfig,
+    }
+    let sets: Sets = osp::train::config::load_config(None, &a.set)?;
+    let format: DataFormat = serde_json::from_value(serde_json::Value::String(a.format.clone()))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--format {}: expected auto, trl, hh, tldr or pandalm",
+                a.format
+            )
+        })?;
+    let lm = a.model.load()?;
+    let judge = osp::judge::Judge::new(sets.judge, &lm.tokenizer)?;
+    let (mut pairs, warnings) = load_pairs(
+        &a.data,
+        format,
+        Some(&lm.tokenizer),
+        osp::data::OnMalformed::Skip,
+    )?;
+    for w in warnings.iter().take(5) {
+        eprintln!("warning: {w}");
+    }
+    if let Some(n) = a.limit {
+        pairs.truncate(n);
+    }
+    anyhow::ensure!(!pairs.is_empty(), "{}: no pairs to judge", a.data.display());
+    let items: Vec<(&str, &str, &str, Option<f64>)> = pairs
+        .iter()
+        .map(|p| {
+            (
+                p.prompt.as_str(),
+                p.chosen.as_str(),
+                p.rejected.as_str(),
+                p.strength,
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    let report = judge.evaluate(&lm.model.snapshot()?, &lm.tokenizer, &items)?;
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("pairs judged:        {}", report.pairs);
+        println!("accuracy:            {:.4}", report.accuracy);
+        println!("ECE (10 bins):       {:.4}", report.ece);
+        match report.position_bias_rate {
+            Some(x) => println!("position-bias rate:  {x:.4}"),
+            None => println!("position-bias rate:  n/a (single-order judging)"),
+        }
+        println!("mean |s - 1/2|:      {:.4}", report.mean_abs_margin);
+        match report.spearman_vs_data_strength {
+            Some(x) => println!("Spearman vs data strength: {x:.4}"),
+            None => println!("Spearman vs data strength: n/a (the data carry no strengths)"),
+        }
+    }
+    eprintln!("[{:.1} pairs/s]", report.pairs as f64 / secs.max(1e-9));
     Ok(())
 }

@@ -274,6 +274,11 @@ impl Tokenizer {
         let ids = self.encode(text, false)?;
         match ids.as_slice() {
             [id] => Ok(*id),
+            // SentencePiece-style encoders add a dummy-prefix space to a text on its own, but
+            // a continuation token is a plain vocabulary piece: accept an exact piece.
+            _ if matches!(self.inner, Inner::Llama2c(_)) && self.token_to_id(text).is_some() => {
+                self.token_to_id(text).ok_or_else(|| anyhow!("unreachable"))
+            }
             _ => {
                 let pieces: Vec<String> = ids
                     .iter()

@@ -1,7 +1,12 @@
 //! Training machinery shared by every trainer, and the trainers.
 pub mod checkpoint;
 pub mod config;
+pub mod judge_train;
+pub mod method;
 pub mod metrics;
+pub mod offline;
+pub mod online;
 pub mod optim;
+pub mod pairs;
 pub mod sft;
 pub mod trainer;

@@ -71,26 +71,50 @@ impl SftConfig {
 }
 
 /// Loads the model a run trains: fresh LoRA adapters, the adapters of `model.adapter`, or
-/// every weight trainable.
-pub fn load_policy(m: &ModelSection, lora: &LoraConfig, seed: u64) -> Result<LoadedModel> {
+/// every weight trainable. With `merge_start`, a starting adapter is merged into the base and
+/// fresh adapters train on top, so that πref (adapters off) is the starting model.
+pub fn load_policy(
+    m: &ModelSection,
+    lora: &LoraConfig,
+    seed: u64,
+    merge_start: bool,
+) -> Result<LoadedModel> {
     let device = crate::device(&m.device)?;
-    let trainable = match (m.train, &m.adapter) {
-        (TrainMode::Full, None) => Trainable::All,
-        (TrainMode::Full, Some(_)) => bail!("model.adapter needs model.train = \"lora\""),
-        (TrainMode::Lora, None) => Trainable::Lora {
+    let fresh = match m.train {
+        TrainMode::Full => Trainable::All,
+        TrainMode::Lora => Trainable::Lora {
             config: lora.clone(),
             seed,
         },
-        (TrainMode::Lora, Some(dir)) => Trainable::Lora {
-            config: LoraConfig::from_peft_dir(dir)?,
-            seed,
-        },
     };
-    let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, trainable)?;
-    if let Some(dir) = &m.adapter {
+    let Some(dir) = &m.adapter else {
+        return load_model(&m.path, m.tokenizer.as_deref(), &device, fresh);
+    };
+    let adapter = Trainable::Lora {
+        config: LoraConfig::from_peft_dir(dir)?,
+        seed,
+    };
+    if !merge_start {
+        if m.train == TrainMode::Full {
+            bail!("model.adapter with model.train = \"full\" needs the adapter merged first (osp export --merge)");
+        }
+        let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
         crate::lora::load_adapter(&lm.model, dir)?;
+        return Ok(lm);
     }
-    Ok(lm)
+    let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
+    crate::lora::load_adapter(&lm.model, dir)?;
+    let merged = lm.model.merged()?;
+    let weights = crate::model::Weights::new(
+        merged.named_tensors().into_iter().collect(),
+        format!("{} + {}", m.path.display(), dir.display()),
+    );
+    let model = Llama::new(&lm.model.cfg, weights, fresh)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer: lm.tokenizer,
+        source: lm.source,
+    })
 }
 
 /// Mean negative log-likelihood per trained token, and the number of trained tokens.
@@ -138,7 +162,7 @@ pub struct SftOutcome {
 /// that many optimiser steps with a checkpoint, to be continued with `resume` (preemptible
 /// jobs, time-boxed sessions).
 pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Result<SftOutcome> {
-    let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed)?;
+    let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed, false)?;
     let tok = &lm.tokenizer;
     let (train_all, warnings) = load_sft(
         &cfg.data.train,
@@ -217,7 +241,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Resu
         trainer.maybe_checkpoint(serde_json::to_value(cursor)?, json!({}), done)?;
     }
     trainer.progress.finish();
-    let output = save_trained(&trainer.model, &lm, &cfg.model, &trainer.run_dir)?;
+    let output = save_trained(&trainer.model, &lm.tokenizer, &cfg.model, &trainer.run_dir)?;
     Ok(SftOutcome {
         run_dir: trainer.run_dir.clone(),
         eval_losses,
@@ -229,7 +253,7 @@ pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Resu
 /// model folder (`RUN/model`).
 pub fn save_trained(
     model: &Llama,
-    lm: &LoadedModel,
+    tok: &crate::tokenizer::Tokenizer,
     m: &ModelSection,
     run_dir: &Path,
 ) -> Result<PathBuf> {
@@ -239,7 +263,7 @@ pub fn save_trained(
         Ok(dir)
     } else {
         let dir = run_dir.join("model");
-        crate::model::export::save_hf_model(model, &lm.tokenizer, Some(&m.path), &dir)?;
+        crate::model::export::save_hf_model(model, tok, Some(&m.path), &dir)?;
         Ok(dir)
     }
 }

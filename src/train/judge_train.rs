@@ -1,0 +1,281 @@
+//! Preference augmentation (OSP.md §4): teach the model to judge from a small seed of human
+//! preferences. Each seed pair (x, y_w, y_l[, s]) gives two judge examples, J(x, y_w, y_l) → A
+//! and J(x, y_l, y_w) → B, trained on the answer token only (soft targets [s, 1 − s] over
+//! the two answer tokens when the data carry strengths), mixed with SFT examples (x → y_w)
+//! so that generation does not degrade.
+use super::config::{load_config, write_resolved, ModelSection, TrainSection};
+use super::optim::OptimConfig;
+use super::pairs::{join, load_pairs, tokenize_pair, DataFormat};
+use super::sft::{load_policy, save_trained, sft_loss};
+use super::trainer::{DataCursor, Trainer};
+use crate::data::{split_eval, OnMalformed, PreferencePair, TokenizedExample};
+use crate::judge::{Judge, JudgeConfig, JudgeReport};
+use crate::lora::LoraConfig;
+use crate::model::{Llama, TokenBatch};
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map};
+use std::path::{Path, PathBuf};
+
+/// `[data]` of preference augmentation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeTrainData {
+    /// Seed preference file. Required.
+    pub preferences: PathBuf,
+    /// "auto", "trl", "hh", "tldr" or "pandalm". Default "auto".
+    pub format: DataFormat,
+    /// Share of the pairs held out to measure the judge before and after. Default 0.1.
+    pub eval_fraction: f64,
+    /// Share of each batch that is SFT (x → y_w) rather than judge examples. Default 0.5.
+    pub sft_mix: f64,
+    /// Use the data's strengths as soft targets where present (else hard A/B). Default true.
+    pub soft_targets: bool,
+    /// "skip" or "abort" on a malformed record. Default "skip".
+    pub on_malformed: OnMalformed,
+}
+
+impl Default for JudgeTrainData {
+    fn default() -> Self {
+        Self {
+            preferences: PathBuf::new(),
+            format: DataFormat::Auto,
+            eval_fraction: 0.1,
+            sft_mix: 0.5,
+            soft_targets: true,
+            on_malformed: OnMalformed::Skip,
+        }
+    }
+}
+
+/// A whole `osp judge-train` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeTrainConfig {
+    pub model: ModelSection,
+    pub lora: LoraConfig,
+    pub optim: OptimConfig,
+    pub train: TrainSection,
+    pub judge: JudgeConfig,
+    pub data: JudgeTrainData,
+}
+
+impl JudgeTrainConfig {
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let cfg: Self = load_config(path, overrides)?;
+        if cfg.model.path.as_os_str().is_empty() {
+            bail!("model.path is required");
+        }
+        if cfg.data.preferences.as_os_str().is_empty() {
+            bail!("data.preferences is required");
+        }
+        if !(0.0..1.0).contains(&cfg.data.sft_mix) {
+            bail!("data.sft_mix must be in [0, 1), got {}", cfg.data.sft_mix);
+        }
+        Ok(cfg)
+    }
+}
+
+/// A judge prompt and the probability that its answer is A.
+#[derive(Debug, Clone)]
+pub struct JudgeExample {
+    pub ids: Vec<u32>,
+    pub target_a: f64,
+}
+
+/// The two judge examples of one preference pair.
+pub fn judge_examples(
+    judge: &Judge,
+    tok: &crate::tokenizer::Tokenizer,
+    p: &PreferencePair,
+    soft: bool,
+    limit: usize,
+) -> Result<[JudgeExample; 2]> {
+    let t = if soft { p.strength.unwrap_or(1.0) } else { 1.0 };
+    Ok([
+        JudgeExample {
+            ids: judge.encode(tok, &p.prompt, &p.chosen, &p.rejected, limit)?,
+            target_a: t,
+        },
+        JudgeExample {
+            ids: judge.encode(tok, &p.prompt, &p.rejected, &p.chosen, limit)?,
+            target_a: 1.0 - t,
+        },
+    ])
+}
+
+/// −[t·log π(A | J) + (1 − t)·log π(B | J)], averaged: cross-entropy on the answer position
+/// only (every other position is masked by construction: only the last one is computed).
+pub fn judge_loss(model: &Llama, judge: &Judge, batch: &[&JudgeExample]) -> Result<Tensor> {
+    let seqs: Vec<Vec<u32>> = batch.iter().map(|e| e.ids.clone()).collect();
+    let tb = TokenBatch::left_padded(&seqs, model.device())?;
+    let h = model.forward_hidden(&tb.ids, &tb.positions, &tb.bias, None)?;
+    let logp = candle_nn::ops::log_softmax(
+        &model.logits(&h.narrow(1, tb.len - 1, 1)?.squeeze(1)?)?,
+        D::Minus1,
+    )?;
+    let (a, b) = judge.answer_ids();
+    let two = logp.index_select(&Tensor::new(&[a, b], model.device())?, D::Minus1)?;
+    let t: Vec<f32> = batch
+        .iter()
+        .flat_map(|e| [e.target_a as f32, 1.0 - e.target_a as f32])
+        .collect();
+    let t = Tensor::from_vec(t, (batch.len(), 2), model.device())?;
+    Ok(((two * t)?.sum_all()? * (-1.0 / batch.len() as f64))?)
+}
+
+/// What a judge-train run produced.
+pub struct JudgeTrainOutcome {
+    pub run_dir: PathBuf,
+    pub output: PathBuf,
+    pub before: JudgeReport,
+    pub after: JudgeReport,
+}
+
+fn report(
+    judge: &Judge,
+    model: &Llama,
+    tok: &crate::tokenizer::Tokenizer,
+    pairs: &[PreferencePair],
+) -> Result<JudgeReport> {
+    let items: Vec<(&str, &str, &str, Option<f64>)> = pairs
+        .iter()
+        .map(|p| {
+            (
+                p.prompt.as_str(),
+                p.chosen.as_str(),
+                p.rejected.as_str(),
+                p.strength,
+            )
+        })
+        .collect();
+    judge.evaluate(&model.snapshot()?, tok, &items)
+}
+
+/// Runs preference augmentation; reports the judge on held-out pairs before and after.
+pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrainOutcome> {
+    let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed, false)?;
+    let tok = &lm.tokenizer;
+    let judge = Judge::new(cfg.judge.clone(), tok)?;
+    let (pairs, warnings) = load_pairs(
+        &cfg.data.preferences,
+        cfg.data.format,
+        Some(tok),
+        cfg.data.on_malformed,
+    )?;
+    for w in warnings.iter().take(5) {
+        eprintln!("warning: {w}");
+    }
+    let (train, held_out) = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed);
+    if train.is_empty() {
+        bail!(
+            "{}: no usable preference pairs",
+            cfg.data.preferences.display()
+        );
+    }
+    let limit = cfg.train.max_len.min(lm.model.cfg.max_position_embeddings);
+    let mut judge_ex = Vec::with_capacity(2 * train.len());
+    let mut sft_ex = Vec::with_capacity(train.len());
+    for p in &train {
+        judge_ex.extend(judge_examples(
+            &judge,
+            tok,
+            p,
+            cfg.data.soft_targets,
+            limit,
+        )?);
+        if let Ok(t) = tokenize_pair(tok, p, limit)? {
+            let (ids, loss_mask) = join(&t.prompt, &t.chosen);
+            sft_ex.push(TokenizedExample {
+                ids,
+                loss_mask,
+                source: p.source.clone(),
+            });
+        }
+    }
+    let before = report(&judge, &lm.model, tok, &held_out)?;
+    let (mut trainer, state) = Trainer::new(
+        lm.model.clone(),
+        &cfg.optim,
+        &cfg.train,
+        resume,
+        "judge-train",
+    )?;
+    write_resolved(&trainer.run_dir, cfg)?;
+    let (mut jc, mut sc): (DataCursor, DataCursor) = match &state {
+        Some(s) => serde_json::from_value(s.data.clone()).context("checkpoint data position")?,
+        None => (
+            DataCursor::new(cfg.train.seed),
+            DataCursor::new(cfg.train.seed.wrapping_add(1)),
+        ),
+    };
+    trainer.log(json!({"step": trainer.step(), "judge_before": before}))?;
+    let n_sft = if sft_ex.is_empty() {
+        0
+    } else {
+        (cfg.train.batch_size as f64 * cfg.data.sft_mix).round() as usize
+    };
+    let n_judge = cfg.train.batch_size.saturating_sub(n_sft).max(1);
+    while !trainer.done() {
+        trainer.model.set_training(true);
+        let (mut jl, mut sl) = (0f64, 0f64);
+        for _ in 0..cfg.train.grad_accum {
+            let jb: Vec<&JudgeExample> = jc
+                .next_batch(judge_ex.len(), n_judge)
+                .iter()
+                .map(|&i| &judge_ex[i])
+                .collect();
+            let mut loss = judge_loss(&trainer.model, &judge, &jb)?;
+            jl += loss.to_scalar::<f32>()? as f64;
+            let mut tokens: usize = jb.iter().map(|e| e.ids.len()).sum();
+            if n_sft > 0 {
+                let sb: Vec<&TokenizedExample> = sc
+                    .next_batch(sft_ex.len(), n_sft)
+                    .iter()
+                    .map(|&i| &sft_ex[i])
+                    .collect();
+                let (l, _) = sft_loss(&trainer.model, &sb)?;
+                sl += l.to_scalar::<f32>()? as f64;
+                tokens += sb.iter().map(|e| e.ids.len()).sum::<usize>();
+                // Weighted by share of the batch, so sft_mix sets the balance.
+                loss = ((loss * (1.0 - cfg.data.sft_mix))? + (l * cfg.data.sft_mix)?)?;
+            }
+            trainer.accumulate(&loss, tokens)?;
+        }
+        trainer.model.set_training(false);
+        let ga = cfg.train.grad_accum as f64;
+        let mut m = Map::new();
+        m.insert("loss".into(), json!(jl / ga));
+        m.insert("judge_loss".into(), json!(jl / ga));
+        if n_sft > 0 {
+            m.insert("sft_loss".into(), json!(sl / ga));
+        }
+        if trainer.finish_step(m)?.is_none() {
+            continue;
+        }
+        if trainer.eval_due() && !held_out.is_empty() && !trainer.done() {
+            let r = report(&judge, &trainer.model, tok, &held_out)?;
+            let step = trainer.step();
+            trainer
+                .progress
+                .println(format!("step {step}: judge accuracy {:.3}", r.accuracy));
+            trainer.log(json!({"step": step, "judge_eval": r}))?;
+        }
+        let done = trainer.done();
+        trainer.maybe_checkpoint(serde_json::to_value((jc, sc))?, json!({}), done)?;
+    }
+    trainer.progress.finish();
+    let after = report(&judge, &trainer.model, tok, &held_out)?;
+    trainer.log(json!({"step": trainer.step(), "judge_after": after}))?;
+    let output = save_trained(&trainer.model, tok, &cfg.model, &trainer.run_dir)?;
+    Ok(JudgeTrainOutcome {
+        run_dir: trainer.run_dir.clone(),
+        output,
+        before,
+        after,
+    })
+}
+
+/// The documented defaults (configs/judge_train.toml), printed by `--print-config`.
+pub const JUDGE_TRAIN_TEMPLATE: &str = include_str!("../../configs/judge_train.toml");

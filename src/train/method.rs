@@ -1,0 +1,191 @@
+//! `osp train`: one config for OSP, its ablations and the baselines, so that they run on the
+//! same data, budget and evaluation.
+use super::config::{load_config, ModelSection, TrainSection};
+use super::optim::OptimConfig;
+use super::pairs::DataFormat;
+use crate::data::OnMalformed;
+use crate::judge::JudgeConfig;
+use crate::lora::LoraConfig;
+use crate::loss::{LossConfig, LossKind};
+use crate::pairing::{PairingConfig, PairingMode};
+use crate::sample::SamplingParams;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The training method (OSP.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum Method {
+    /// Online Self-Preferring: K samples, self-judged ranked pairs, SPCE with judged strengths.
+    Osp,
+    /// OSP with strengths rounded to 0/1 (ablation).
+    OspHard,
+    /// OSP with random instead of ranked pairing (ablation).
+    OspRandomPairs,
+    /// Online DPO with a binary self-judge and K = 2 (OAIF-style).
+    OnlineDpo,
+    /// Offline DPO on a preference file.
+    Dpo,
+    /// Offline IPO.
+    Ipo,
+    /// Offline conservative DPO (label smoothing ε = loss.label_smoothing).
+    Cdpo,
+    /// Offline SPCE with the data's own strengths (1 where a pair has none).
+    SpceOffline,
+}
+
+impl Method {
+    pub fn is_online(self) -> bool {
+        matches!(
+            self,
+            Method::Osp | Method::OspHard | Method::OspRandomPairs | Method::OnlineDpo
+        )
+    }
+
+    /// The loss this method trains with.
+    pub fn loss_kind(self) -> LossKind {
+        match self {
+            Method::Osp | Method::OspHard | Method::OspRandomPairs | Method::SpceOffline => {
+                LossKind::Spce
+            }
+            Method::OnlineDpo | Method::Dpo => LossKind::Dpo,
+            Method::Ipo => LossKind::Ipo,
+            Method::Cdpo => LossKind::Cdpo,
+        }
+    }
+}
+
+/// `[data]` of a preference run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefData {
+    /// Preference file (offline methods; online methods take their prompts from it when
+    /// `prompts` is absent). Default: none.
+    pub preferences: Option<PathBuf>,
+    /// Prompt-only file for online methods (TRL `{"prompt"}` records). Default: none.
+    pub prompts: Option<PathBuf>,
+    /// "auto", "trl", "hh", "tldr" or "pandalm". Default "auto".
+    pub format: DataFormat,
+    /// Share held out for evaluation (offline: pairs; online: prompts). Default 0.05.
+    pub eval_fraction: f64,
+    /// "skip" or "abort" on a malformed record. Default "skip".
+    pub on_malformed: OnMalformed,
+}
+
+impl Default for PrefData {
+    fn default() -> Self {
+        Self {
+            preferences: None,
+            prompts: None,
+            format: DataFormat::Auto,
+            eval_fraction: 0.05,
+            on_malformed: OnMalformed::Skip,
+        }
+    }
+}
+
+/// A whole `osp train` run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Which method. Default "osp".
+    pub method: Method,
+    pub model: ModelSection,
+    pub lora: LoraConfig,
+    pub optim: OptimConfig,
+    pub train: TrainSection,
+    pub loss: LossConfig,
+    pub judge: JudgeConfig,
+    pub pairing: PairingConfig,
+    pub sampling: SamplingParams,
+    pub data: PrefData,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Osp,
+            model: ModelSection::default(),
+            lora: LoraConfig::default(),
+            optim: OptimConfig {
+                lr: 5e-5,
+                ..Default::default()
+            },
+            train: TrainSection {
+                batch_size: 4,
+                ..Default::default()
+            },
+            loss: LossConfig::default(),
+            judge: JudgeConfig::default(),
+            pairing: PairingConfig::default(),
+            sampling: SamplingParams {
+                max_new_tokens: 64,
+                ..Default::default()
+            },
+            data: PrefData::default(),
+        }
+    }
+}
+
+/// The documented defaults (configs/train.toml), printed by `osp train --print-config`.
+pub const TRAIN_TEMPLATE: &str = include_str!("../../configs/train.toml");
+
+impl TrainConfig {
+    /// Reads the config, applies overrides and `method` (from the command line, when given),
+    /// and aligns the loss and pairing with the method. A loss the method does not use is
+    /// an error rather than silently replaced.
+    pub fn load(path: Option<&Path>, overrides: &[String], method: Option<Method>) -> Result<Self> {
+        let mut cfg: Self = load_config(path, overrides)?;
+        if let Some(m) = method {
+            cfg.method = m;
+        }
+        cfg.resolve()?;
+        Ok(cfg)
+    }
+
+    pub fn resolve(&mut self) -> Result<()> {
+        let want = self.method.loss_kind();
+        let explicit = self.loss.kind != LossConfig::default().kind;
+        if explicit && self.loss.kind != want {
+            bail!(
+                "loss.kind = {:?} contradicts method {:?}, which trains with {want:?}; remove loss.kind or change the method",
+                self.loss.kind,
+                self.method
+            );
+        }
+        self.loss.kind = want;
+        match self.method {
+            Method::OspRandomPairs => self.pairing.mode = PairingMode::Random,
+            Method::Osp | Method::OspHard if self.pairing.mode == PairingMode::Random => {
+                bail!("pairing.mode = \"random\" is the osp-random-pairs method; use --method osp-random-pairs")
+            }
+            Method::OnlineDpo => self.pairing.k = 2,
+            Method::Cdpo if self.loss.label_smoothing <= 0.0 => {
+                bail!("method cdpo needs loss.label_smoothing > 0 (the ε of conservative DPO)")
+            }
+            _ => {}
+        }
+        if self.model.path.as_os_str().is_empty() {
+            bail!("model.path is required");
+        }
+        if self.method.is_online() {
+            if self.data.prompts.is_none() && self.data.preferences.is_none() {
+                bail!(
+                    "online methods need data.prompts (or data.preferences to take prompts from)"
+                );
+            }
+        } else if self.data.preferences.is_none() {
+            bail!("method {:?} needs data.preferences", self.method);
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            bail!("data.eval_fraction must be in [0, 1)");
+        }
+        self.sampling.validate()?;
+        if self.method != Method::OnlineDpo {
+            self.pairing.validate()?;
+        }
+        Ok(())
+    }
+}

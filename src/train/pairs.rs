@@ -1,0 +1,169 @@
+//! What every preference trainer shares: reading preference data in any supported format,
+//! tokenizing pairs, and the log-probabilities of both responses under policy and reference.
+use crate::data::{
+    load_hh, load_pandalm, load_preferences, load_tldr, ChatRender, OnMalformed, PreferencePair,
+};
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Layout of a preference file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Decide from the file: HH for `*.jsonl.gz`, TL;DR for `comparisons*`, PandaLM for
+    /// `testset*.json`, TRL otherwise.
+    Auto,
+    /// TRL prompt/chosen/rejected (plain or conversational), optional `strength`.
+    Trl,
+    /// Anthropic HH transcripts.
+    Hh,
+    /// OpenAI TL;DR comparisons (confidence → strength).
+    Tldr,
+    /// PandaLM (majority label, agreement → strength).
+    Pandalm,
+}
+
+/// Reads preference pairs and warnings (skipped records, ties).
+pub fn load_pairs(
+    path: &Path,
+    format: DataFormat,
+    tok: Option<&Tokenizer>,
+    on_malformed: OnMalformed,
+) -> Result<(Vec<PreferencePair>, Vec<String>)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let format = match format {
+        DataFormat::Auto if name.ends_with(".jsonl.gz") => DataFormat::Hh,
+        DataFormat::Auto if name.starts_with("comparisons") => DataFormat::Tldr,
+        DataFormat::Auto if name.starts_with("testset") => DataFormat::Pandalm,
+        DataFormat::Auto => DataFormat::Trl,
+        f => f,
+    };
+    Ok(match format {
+        DataFormat::Hh => load_hh(path, on_malformed)?,
+        DataFormat::Tldr => {
+            let (p, _, w) = load_tldr(path, on_malformed)?;
+            (p, w)
+        }
+        DataFormat::Pandalm => {
+            let (p, _, w) = load_pandalm(path, on_malformed)?;
+            (p, w)
+        }
+        _ => load_preferences(path, ChatRender::for_tokenizer(tok), on_malformed)?,
+    })
+}
+
+/// A pair as token ids: the prompt (with BOS) and each response (with EOS when the
+/// tokenizer has one), kept apart so the loss masks only response tokens.
+#[derive(Debug, Clone)]
+pub struct TokenizedPair {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub strength: Option<f64>,
+    pub source: String,
+}
+
+/// Tokenizes a pair; responses are cut so prompt + response fits in `max_len` (the prompt
+/// keeps its end). Returns None (with the reason) when nothing of a response would remain.
+pub fn tokenize_pair(
+    tok: &Tokenizer,
+    p: &PreferencePair,
+    max_len: usize,
+) -> Result<std::result::Result<TokenizedPair, String>> {
+    let mut prompt = tok.encode(&p.prompt, tok.bos_id().is_some())?;
+    let response = |text: &str| -> Result<Vec<u32>> {
+        let mut ids = tok.encode(text, false)?;
+        if let Some(&eos) = tok.eos_ids().first() {
+            ids.push(eos);
+        }
+        Ok(ids)
+    };
+    let (mut chosen, mut rejected) = (response(&p.chosen)?, response(&p.rejected)?);
+    let budget = max_len.saturating_sub(1);
+    if prompt.len() > budget / 2 && prompt.len() + chosen.len().max(rejected.len()) > max_len {
+        // Keep the end of a long prompt (where the question is), half the budget at most.
+        let keep = (budget / 2).max(1);
+        let cut = prompt.len() - keep;
+        prompt.drain(..cut);
+        if let (Some(bos), Some(first)) = (tok.bos_id(), prompt.first_mut()) {
+            *first = bos;
+        }
+    }
+    let room = max_len.saturating_sub(prompt.len());
+    if room == 0 {
+        return Ok(Err(format!(
+            "{}: prompt fills the {max_len}-token limit",
+            p.source
+        )));
+    }
+    chosen.truncate(room);
+    rejected.truncate(room);
+    Ok(Ok(TokenizedPair {
+        prompt,
+        chosen,
+        rejected,
+        strength: p.strength,
+        source: p.source.clone(),
+    }))
+}
+
+/// prompt ++ response with its loss mask (true on response tokens).
+pub fn join(prompt: &[u32], response: &[u32]) -> (Vec<u32>, Vec<bool>) {
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(response);
+    let mut mask = vec![false; prompt.len()];
+    mask.extend(std::iter::repeat_n(true, response.len()));
+    (ids, mask)
+}
+
+/// Summed response log-probabilities [n] of the chosen and rejected responses, in one batch.
+pub fn pair_logps(model: &Llama, pairs: &[(&[u32], &[u32], &[u32])]) -> Result<(Tensor, Tensor)> {
+    if pairs.is_empty() {
+        bail!("no pairs");
+    }
+    let mut seqs = Vec::with_capacity(2 * pairs.len());
+    let mut masks = Vec::with_capacity(2 * pairs.len());
+    for side in 0..2 {
+        for (p, c, r) in pairs {
+            let (ids, mask) = join(p, if side == 0 { c } else { r });
+            seqs.push(ids);
+            masks.push(mask);
+        }
+    }
+    let all = model.sequence_logps(&seqs, &masks)?;
+    let n = pairs.len();
+    Ok((all.narrow(0, 0, n)?, all.narrow(0, n, n)?))
+}
+
+/// Like `pair_logps`, without an autograd graph (for πref).
+pub fn pair_logps_detached(
+    model: &Llama,
+    pairs: &[(&[u32], &[u32], &[u32])],
+) -> Result<(Tensor, Tensor)> {
+    let (c, r) = pair_logps(model, pairs)?;
+    Ok((c.detach(), r.detach()))
+}
+
+/// Token count of a padded batch, for throughput.
+pub fn tokens_of(pairs: &[(&[u32], &[u32], &[u32])]) -> usize {
+    pairs
+        .iter()
+        .map(|(p, c, r)| 2 * p.len() + c.len() + r.len())
+        .sum()
+}
+
+/// Checks that πref is a frozen model distinct from a trainable policy.
+pub fn reference_for(policy: &Llama) -> Result<Llama> {
+    Ok(if policy.lora_config().is_some() {
+        policy.without_adapter()
+    } else {
+        policy.snapshot()?
+    })
+}
