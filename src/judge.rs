@@ -262,14 +262,18 @@ pub struct JudgeReport {
 }
 
 impl Judge {
-    /// Judges labelled pairs (prompt, chosen, rejected, data strength) and scores the judge.
+    /// Judges labelled pairs (chosen ≻ rejected) and scores the judge; `model` should be a
+    /// snapshot.
     pub fn evaluate(
         &self,
         model: &Llama,
         tok: &Tokenizer,
-        pairs: &[(&str, &str, &str, Option<f64>)],
+        pairs: &[crate::data::PreferencePair],
     ) -> Result<JudgeReport> {
-        let items: Vec<(&str, &str, &str)> = pairs.iter().map(|&(x, c, r, _)| (x, c, r)).collect();
+        let items: Vec<(&str, &str, &str)> = pairs
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.chosen.as_str(), p.rejected.as_str()))
+            .collect();
         let js = self.judge(model, tok, &items)?;
         let s: Vec<f64> = js.iter().map(|j| j.strength).collect();
         let position_bias_rate = if self.cfg.both_orders {
@@ -282,7 +286,7 @@ impl Judge {
         let (ours, theirs): (Vec<f64>, Vec<f64>) = pairs
             .iter()
             .zip(&s)
-            .filter_map(|(p, &si)| p.3.map(|h| (si, h)))
+            .filter_map(|(p, &si)| p.strength.map(|h| (si, h)))
             .unzip();
         Ok(JudgeReport {
             pairs: pairs.len(),

@@ -27,7 +27,7 @@ enum Cmd {
     /// Describe a model: architecture, parameter count, tokenizer, special tokens.
     Inspect(InspectArgs),
     /// Supervised fine-tuning (LoRA or full) from a TOML config.
-    Sft(SftArgs),
+    Sft(RunArgs),
     /// Write a Hugging Face checkpoint with a LoRA adapter merged into its base.
     Export(ExportArgs),
     /// Preference training: OSP, its ablations, online DPO, and offline DPO/IPO/cDPO/SPCE.
@@ -79,25 +79,6 @@ struct JudgeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(clap::Args)]
-struct SftArgs {
-    /// The run's TOML config (see `osp sft --print-config` for every field and default).
-    #[arg(long, required_unless_present = "print_config")]
-    config: Option<PathBuf>,
-    /// Override a config field: --set section.field=value (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// Continue the run in train.out from its newest checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this many optimiser steps (with a checkpoint); continue later with --resume.
-    #[arg(long)]
-    stop_after: Option<usize>,
-    /// Print the documented default config and exit.
-    #[arg(long)]
-    print_config: bool,
 }
 
 #[derive(clap::Args)]
@@ -292,11 +273,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_sft(a: SftArgs) -> Result<()> {
+fn cmd_sft(a: RunArgs) -> Result<()> {
     if a.print_config {
         print!("{}", osp::train::sft::SFT_TEMPLATE);
         return Ok(());
     }
+    anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
     let cfg = osp::train::sft::SftConfig::load(a.config.as_deref(), &a.set)?;
     let out = osp::train::sft::run_sft(&cfg, a.resume, a.stop_after)?;
     for (step, loss) in &out.eval_losses {
@@ -412,19 +394,8 @@ fn cmd_judge(a: JudgeArgs) -> Result<()> {
         pairs.truncate(n);
     }
     anyhow::ensure!(!pairs.is_empty(), "{}: no pairs to judge", a.data.display());
-    let items: Vec<(&str, &str, &str, Option<f64>)> = pairs
-        .iter()
-        .map(|p| {
-            (
-                p.prompt.as_str(),
-                p.chosen.as_str(),
-                p.rejected.as_str(),
-                p.strength,
-            )
-        })
-        .collect();
     let start = Instant::now();
-    let report = judge.evaluate(&lm.model.snapshot()?, &lm.tokenizer, &items)?;
+    let report = judge.evaluate(&lm.model.snapshot()?, &lm.tokenizer, &pairs)?;
     let secs = start.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

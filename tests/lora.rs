@@ -44,19 +44,6 @@ fn logits(model: &Llama) -> Tensor {
         .unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn peft_adapter_gives_peft_logits_and_disabling_it_gives_the_base() {
     let model = with_peft_adapter(&fixture("peft_llama/adapter"));

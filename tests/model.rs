@@ -31,19 +31,6 @@ fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
         .unwrap()
 }
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// Logits equal transformers' to 1e-4, unpadded and with left padding (compared where real).
 fn check_parity(name: &str) {
     let model = load_fixture(name);

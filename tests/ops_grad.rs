@@ -1,6 +1,8 @@
 //! Every custom op: forward equals the composed reference, and the backward pass equals
 //! central finite differences (and the composed op's autograd gradient).
+mod common;
 use candle_core::{Device, Tensor, Var};
+use common::max_abs;
 use osp::model::ops;
 use rand::SeedableRng;
 
@@ -9,19 +11,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let v = osp::model::init::normal_vec(&mut rng, n, 1.0);
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Checks d(Σ f(x)⊙r)/dx from autograd against central differences at every element of x.
@@ -77,13 +66,13 @@ fn softmax_forward_and_gradient() {
     let x = (randn(&[3, 2, 7], 1) * 3.0).unwrap();
     let fused = |x: &Tensor| ops::softmax_last_dim(x).unwrap();
     let composed = |x: &Tensor| ops::softmax_composed(x).unwrap();
-    assert!(max_abs_diff(&fused(&x), &composed(&x)) < 1e-6);
+    assert!(max_abs(&fused(&x), &composed(&x)) < 1e-6);
     let g = check_grad(&x, &fused, 11);
-    assert!(max_abs_diff(&g, &autograd(&x, &composed, 11)) < 1e-5);
+    assert!(max_abs(&g, &autograd(&x, &composed, 11)) < 1e-5);
     // A large input takes the parallel path.
     let big = randn(&[64, 600], 2);
-    assert!(max_abs_diff(&fused(&big), &composed(&big)) < 1e-6);
-    assert!(max_abs_diff(&autograd(&big, &fused, 3), &autograd(&big, &composed, 3)) < 1e-5);
+    assert!(max_abs(&fused(&big), &composed(&big)) < 1e-6);
+    assert!(max_abs(&autograd(&big, &fused, 3), &autograd(&big, &composed, 3)) < 1e-5);
 }
 
 #[test]
@@ -93,13 +82,13 @@ fn rms_norm_forward_and_gradients_in_x_and_weight() {
     let eps = 1e-5;
     let fused_x = |x: &Tensor| ops::rms_norm(x, &w, eps).unwrap();
     let comp_x = |x: &Tensor| ops::rms_norm_composed(x, &w, eps).unwrap();
-    assert!(max_abs_diff(&fused_x(&x), &comp_x(&x)) < 1e-5);
+    assert!(max_abs(&fused_x(&x), &comp_x(&x)) < 1e-5);
     let g = check_grad(&x, &fused_x, 12);
-    assert!(max_abs_diff(&g, &autograd(&x, &comp_x, 12)) < 1e-4);
+    assert!(max_abs(&g, &autograd(&x, &comp_x, 12)) < 1e-4);
     let fused_w = |w: &Tensor| ops::rms_norm(&x, w, eps).unwrap();
     let comp_w = |w: &Tensor| ops::rms_norm_composed(&x, w, eps).unwrap();
     let gw = check_grad(&w, &fused_w, 13);
-    assert!(max_abs_diff(&gw, &autograd(&w, &comp_w, 13)) < 1e-4);
+    assert!(max_abs(&gw, &autograd(&w, &comp_w, 13)) < 1e-4);
 }
 
 #[test]
@@ -111,13 +100,13 @@ fn rope_forward_and_gradient() {
     let (cos, sin) = ops::rope_tables(&pos, d, 10000.0).unwrap();
     let fused = |x: &Tensor| ops::rope(x, &cos, &sin).unwrap();
     let composed = |x: &Tensor| ops::rope_composed(x, &cos, &sin).unwrap();
-    assert!(max_abs_diff(&fused(&x), &composed(&x)) < 1e-6);
+    assert!(max_abs(&fused(&x), &composed(&x)) < 1e-6);
     let g = check_grad(&x, &fused, 14);
-    assert!(max_abs_diff(&g, &autograd(&x, &composed, 14)) < 1e-5);
+    assert!(max_abs(&g, &autograd(&x, &composed, 14)) < 1e-5);
     // Position 0 is the identity rotation.
     let y = fused(&x);
     let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(2, 0, 1).unwrap();
-    assert!(max_abs_diff(&first(&y), &first(&x)) < 1e-7);
+    assert!(max_abs(&first(&y), &first(&x)) < 1e-7);
 }
 
 #[test]
@@ -126,9 +115,9 @@ fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
     let w = randn(&[4, 6], 8);
     let frozen = |x: &Tensor| ops::frozen_linear(x, &w).unwrap();
     let plain = |x: &Tensor| x.matmul(&w.t().unwrap()).unwrap();
-    assert!(max_abs_diff(&frozen(&x), &plain(&x)) < 1e-6);
+    assert!(max_abs(&frozen(&x), &plain(&x)) < 1e-6);
     let g = check_grad(&x, &frozen, 15);
-    assert!(max_abs_diff(&g, &autograd(&x, &plain, 15)) < 1e-5);
+    assert!(max_abs(&g, &autograd(&x, &plain, 15)) < 1e-5);
     // Even with the weight a variable, the op computes no gradient for it.
     let wv = Var::from_tensor(&w).unwrap();
     let xv = Var::from_tensor(&x).unwrap();

@@ -3,7 +3,7 @@
 //! and J(x, y_l, y_w) → B, trained on the answer token only (soft targets [s, 1 − s] over
 //! the two answer tokens when the data carry strengths), mixed with SFT examples (x → y_w)
 //! so that generation does not degrade.
-use super::config::{load_config, write_resolved, ModelSection, TrainSection};
+use super::config::{load_config, ModelSection, TrainSection};
 use super::optim::OptimConfig;
 use super::pairs::{join, load_pairs, tokenize_pair, DataFormat};
 use super::sft::{load_policy, save_trained, sft_loss};
@@ -12,7 +12,7 @@ use crate::data::{split_eval, OnMalformed, PreferencePair, TokenizedExample};
 use crate::judge::{Judge, JudgeConfig, JudgeReport};
 use crate::lora::LoraConfig;
 use crate::model::{Llama, TokenBatch};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map};
@@ -139,18 +139,7 @@ fn report(
     tok: &crate::tokenizer::Tokenizer,
     pairs: &[PreferencePair],
 ) -> Result<JudgeReport> {
-    let items: Vec<(&str, &str, &str, Option<f64>)> = pairs
-        .iter()
-        .map(|p| {
-            (
-                p.prompt.as_str(),
-                p.chosen.as_str(),
-                p.rejected.as_str(),
-                p.strength,
-            )
-        })
-        .collect();
-    judge.evaluate(&model.snapshot()?, tok, &items)
+    judge.evaluate(&model.snapshot()?, tok, pairs)
 }
 
 /// Runs preference augmentation; reports the judge on held-out pairs before and after.
@@ -195,21 +184,20 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
         }
     }
     let before = report(&judge, &lm.model, tok, &held_out)?;
-    let (mut trainer, state) = Trainer::new(
+    let (mut trainer, data) = Trainer::start(
         lm.model.clone(),
         &cfg.optim,
         &cfg.train,
         resume,
         "judge-train",
+        cfg,
     )?;
-    write_resolved(&trainer.run_dir, cfg)?;
-    let (mut jc, mut sc): (DataCursor, DataCursor) = match &state {
-        Some(s) => serde_json::from_value(s.data.clone()).context("checkpoint data position")?,
-        None => (
+    let (mut jc, mut sc): (DataCursor, DataCursor) = data.unwrap_or_else(|| {
+        (
             DataCursor::new(cfg.train.seed),
             DataCursor::new(cfg.train.seed.wrapping_add(1)),
-        ),
-    };
+        )
+    });
     trainer.log(json!({"step": trainer.step(), "judge_before": before}))?;
     let n_sft = if sft_ex.is_empty() {
         0

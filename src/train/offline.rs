@@ -1,6 +1,5 @@
 //! Offline preference training (DPO, IPO, cDPO, SPCE with the data's strengths) on a fixed
 //! preference file against πref.
-use super::config::write_resolved;
 use super::method::{Method, TrainConfig};
 use super::pairs::{
     load_pairs, pair_logps, pair_logps_detached, reference_for, tokenize_pair, tokens_of,
@@ -140,26 +139,13 @@ pub fn run_offline(
         bail!("{}: no usable preference pairs", path.display());
     }
     let reference = reference_for(&lm.model)?;
-    let (mut trainer, state) = Trainer::new(
-        lm.model.clone(),
-        &cfg.optim,
-        &cfg.train,
-        resume,
-        &format!("{:?}", cfg.method),
-    )?;
-    write_resolved(&trainer.run_dir, cfg)?;
-    let mut cursor = match &state {
-        Some(s) => serde_json::from_value(s.data.clone()).context("checkpoint data position")?,
-        None => DataCursor::new(cfg.train.seed),
-    };
-    let first = trainer.step();
+    let what = format!("{:?}", cfg.method);
+    let (mut trainer, data) =
+        Trainer::start(lm.model.clone(), &cfg.optim, &cfg.train, resume, &what, cfg)?;
+    let mut cursor = data.unwrap_or_else(|| DataCursor::new(cfg.train.seed));
     let mut evals = vec![];
     while !trainer.done() {
-        if stop_after.is_some_and(|n| trainer.step() - first >= n) {
-            trainer.maybe_checkpoint(serde_json::to_value(cursor)?, json!({}), true)?;
-            trainer
-                .progress
-                .abandon_with_message("stopped; continue with --resume");
+        if trainer.stop_requested(stop_after, serde_json::to_value(cursor)?)? {
             return Ok(OfflineOutcome {
                 run_dir: trainer.run_dir.clone(),
                 output: PathBuf::new(),

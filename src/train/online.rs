@@ -1,7 +1,6 @@
 //! The online loop (OSP.md §5) and its online baselines: sample K responses per prompt with
 //! the current policy, judge them with the model itself, pair them, and take one optimiser
 //! step on the preference loss against πref.
-use super::config::write_resolved;
 use super::method::{Method, TrainConfig};
 use super::pairs::{load_pairs, pair_logps, pair_logps_detached, reference_for, tokens_of};
 use super::sft::{load_policy, save_trained};
@@ -13,7 +12,7 @@ use crate::model::Llama;
 use crate::pairing::{pair_candidates, Baseline, Cand};
 use crate::sample::{generate, Generation, Request, SamplingParams};
 use crate::tokenizer::Tokenizer;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -88,20 +87,9 @@ impl OnlineRun {
         }
         let (prompts, eval_prompts) = split_eval(encoded, cfg.data.eval_fraction, cfg.train.seed);
         anyhow::ensure!(!prompts.is_empty(), "no training prompts");
-        let (trainer, state) = Trainer::new(
-            lm.model,
-            &cfg.optim,
-            &cfg.train,
-            resume,
-            &format!("{:?}", cfg.method),
-        )?;
-        write_resolved(&trainer.run_dir, cfg)?;
-        let cursor = match &state {
-            Some(s) => {
-                serde_json::from_value(s.data.clone()).context("checkpoint data position")?
-            }
-            None => DataCursor::new(cfg.train.seed),
-        };
+        let what = format!("{:?}", cfg.method);
+        let (trainer, data) = Trainer::start(lm.model, &cfg.optim, &cfg.train, resume, &what, cfg)?;
+        let cursor = data.unwrap_or_else(|| DataCursor::new(cfg.train.seed));
         Ok(Self {
             cfg: cfg.clone(),
             tok,
@@ -123,13 +111,11 @@ impl OnlineRun {
         stop_after: Option<usize>,
         mut on_step: impl FnMut(&mut Self) -> Result<()>,
     ) -> Result<Option<PathBuf>> {
-        let first = self.trainer.step();
         while !self.trainer.done() {
-            if stop_after.is_some_and(|n| self.trainer.step() - first >= n) {
-                self.checkpoint(true)?;
-                self.trainer
-                    .progress
-                    .abandon_with_message("stopped; continue with --resume");
+            if self
+                .trainer
+                .stop_requested(stop_after, serde_json::to_value(self.cursor)?)?
+            {
                 return Ok(None);
             }
             let batch = self

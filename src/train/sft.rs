@@ -1,12 +1,12 @@
 //! Supervised fine-tuning: cross-entropy on completion tokens only, with a held-out eval loss.
-use super::config::{load_config, write_resolved, ModelSection, TrainMode, TrainSection};
+use super::config::{load_config, ModelSection, TrainMode, TrainSection};
 use super::optim::OptimConfig;
 use super::trainer::{DataCursor, Trainer};
 use crate::data::OnMalformed;
 use crate::data::{load_sft, split_eval, TokenizedExample};
 use crate::lora::LoraConfig;
 use crate::model::{load_model, Llama, LoadedModel, Trainable};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map};
@@ -182,26 +182,18 @@ pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Resu
     if train.is_empty() {
         bail!("{}: no usable training examples", cfg.data.train.display());
     }
-    let (mut trainer, state) =
-        Trainer::new(lm.model.clone(), &cfg.optim, &cfg.train, resume, "sft")?;
-    write_resolved(&trainer.run_dir, cfg)?;
-    let mut cursor = match &state {
-        Some(s) => serde_json::from_value(s.data.clone()).context("checkpoint data position")?,
-        None => DataCursor::new(cfg.train.seed),
-    };
+    let (mut trainer, data) =
+        Trainer::start(lm.model.clone(), &cfg.optim, &cfg.train, resume, "sft", cfg)?;
+    let fresh = data.is_none();
+    let mut cursor = data.unwrap_or_else(|| DataCursor::new(cfg.train.seed));
     let mut eval_losses = vec![];
-    if state.is_none() && !eval.is_empty() {
+    if fresh && !eval.is_empty() {
         let l = eval_loss(&trainer.model, &eval, cfg.train.batch_size)?;
         trainer.log(json!({"step": 0, "eval_loss": l}))?;
         eval_losses.push((0, l));
     }
-    let first_step = trainer.step();
     while !trainer.done() {
-        if stop_after.is_some_and(|n| trainer.step() - first_step >= n) {
-            trainer.maybe_checkpoint(serde_json::to_value(cursor)?, json!({}), true)?;
-            trainer
-                .progress
-                .abandon_with_message("stopped; continue with --resume");
+        if trainer.stop_requested(stop_after, serde_json::to_value(cursor)?)? {
             return Ok(SftOutcome {
                 run_dir: trainer.run_dir.clone(),
                 eval_losses,

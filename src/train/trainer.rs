@@ -28,6 +28,8 @@ pub struct Trainer {
     consecutive_skips: usize,
     step_start: Instant,
     step_tokens: usize,
+    /// Optimiser steps done when this invocation started (for `--stop-after`).
+    first_step: usize,
 }
 
 impl Trainer {
@@ -67,7 +69,7 @@ impl Trainer {
         let progress = progress_bar(cfg.steps as u64, what);
         progress.set_position(optim.steps_done() as u64);
         let acc = optim.new_accumulator();
-        let trainer = Self {
+        let mut trainer = Self {
             model,
             optim,
             acc,
@@ -79,8 +81,31 @@ impl Trainer {
             consecutive_skips: 0,
             step_start: Instant::now(),
             step_tokens: 0,
+            first_step: 0,
         };
+        trainer.first_step = trainer.step();
         Ok((trainer, state))
+    }
+
+    /// `new`, plus what every trainer does next: write the resolved config into the run folder
+    /// and read back the checkpoint's data position (None for a fresh run).
+    pub fn start<D: serde::de::DeserializeOwned>(
+        model: Llama,
+        optim_cfg: &OptimConfig,
+        cfg: &TrainSection,
+        resume: bool,
+        what: &str,
+        resolved: &impl serde::Serialize,
+    ) -> Result<(Self, Option<D>)> {
+        let (trainer, state) = Self::new(model, optim_cfg, cfg, resume, what)?;
+        super::config::write_resolved(&trainer.run_dir, resolved)?;
+        let data = match state {
+            Some(s) => {
+                Some(serde_json::from_value(s.data).context("the checkpoint's data position")?)
+            }
+            None => None,
+        };
+        Ok((trainer, data))
     }
 
     /// Optimiser steps completed.
@@ -166,6 +191,18 @@ impl Trainer {
                 }
             }
         }
+    }
+
+    /// With `--stop-after N`: once this invocation has taken N steps, writes a checkpoint
+    /// (holding `data`) and returns true; the run continues later with `--resume`.
+    pub fn stop_requested(&mut self, stop_after: Option<usize>, data: Value) -> Result<bool> {
+        if stop_after.is_none_or(|n| self.step() - self.first_step < n) {
+            return Ok(false);
+        }
+        self.maybe_checkpoint(data, Value::Null, true)?;
+        self.progress
+            .abandon_with_message("stopped; continue with --resume");
+        Ok(true)
     }
 
     /// Logs a line that is not a training step (evaluation, sampling statistics).

@@ -45,3 +45,17 @@ pub fn tiny_model(model_type: &str, tied: bool, trainable: Trainable, seed: u64)
     let w = random_weights(&cfg, seed, 0.2, &candle_core::Device::Cpu).expect("weights");
     Llama::new(&cfg, w, trainable).expect("model")
 }
+
+/// Largest absolute element-wise difference of two tensors of one shape.
+pub fn max_abs(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
