@@ -1,5 +1,6 @@
 //! osp: Online Self-Preferring alignment of language models on candle.
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod io;
 pub mod judge;
@@ -7,6 +8,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod pairing;
+pub mod report;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;

@@ -36,6 +36,23 @@ enum Cmd {
     JudgeTrain(RunArgs),
     /// Score the model as a judge on labelled preference pairs.
     Judge(JudgeArgs),
+    /// The built-in demo: oracle tasks, SFT from scratch, augmentation, every method, a report.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// The small budget (about 2 minutes; what the tests run).
+    #[arg(long)]
+    quick: bool,
+    /// Output folder: summary.json, report.md, plots, run folders.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Override a budget field (see summary.json's `config`): --set pa_steps=400.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -185,6 +202,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::JudgeTrain(a) => cmd_judge_train(a),
         Cmd::Judge(a) => cmd_judge(a),
+        Cmd::Demo(a) => {
+            let opts = osp::demo::DemoOptions {
+                quick: a.quick,
+                out: a.out.clone(),
+                seed: a.seed,
+                overrides: a.set.clone(),
+            };
+            osp::demo::run_demo(&opts)?;
+            eprintln!(
+                "wrote {}/summary.json and {}/report.md",
+                a.out.display(),
+                a.out.display()
+            );
+            Ok(())
+        }
     }
 }
 

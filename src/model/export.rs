@@ -31,7 +31,9 @@ pub fn save_hf_model(
     }
     save_json(&out.join("config.json"), &cfg)?;
     let mut copied = 0;
-    if let Some(base) = base.filter(|b| b.is_dir()) {
+    // Copying a folder's files onto themselves would truncate them.
+    let same = |b: &Path| std::fs::canonicalize(b).ok() == std::fs::canonicalize(out).ok();
+    if let Some(base) = base.filter(|b| b.is_dir() && !same(b)) {
         for f in SIDE_FILES {
             let src = base.join(f);
             if src.exists() {
@@ -41,7 +43,7 @@ pub fn save_hf_model(
             }
         }
     }
-    if copied == 0 {
+    if copied == 0 && !out.join("tokenizer.json").exists() {
         eprintln!(
             "note: no Hugging Face tokenizer files to copy into {} (a llama2.c tokenizer has no tokenizer.json form)",
             out.display()

@@ -104,6 +104,17 @@ pub fn run_offline(
     resume: bool,
     stop_after: Option<usize>,
 ) -> Result<OfflineOutcome> {
+    run_offline_with(cfg, resume, stop_after, &mut |_, _| Ok(()))
+}
+
+/// `run_offline` with a hook called after every evaluation point (`train.eval_every`) with the
+/// step and the current policy (the demo tracks oracle win rates this way).
+pub fn run_offline_with(
+    cfg: &TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+    on_eval: &mut dyn FnMut(usize, &Llama) -> Result<()>,
+) -> Result<OfflineOutcome> {
     let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed, true)?;
     let tok = &lm.tokenizer;
     let path = cfg
@@ -175,11 +186,14 @@ pub fn run_offline(
         if trainer.finish_step(metrics)?.is_none() {
             continue;
         }
-        if trainer.eval_due() && !eval.is_empty() {
-            let mut m = eval_pairs(cfg, &trainer.model, &reference, &eval)?;
-            m.insert("step".into(), json!(trainer.step()));
-            trainer.log(Value::Object(m.clone()))?;
-            evals.push((trainer.step(), m));
+        if trainer.eval_due() {
+            if !eval.is_empty() {
+                let mut m = eval_pairs(cfg, &trainer.model, &reference, &eval)?;
+                m.insert("step".into(), json!(trainer.step()));
+                trainer.log(Value::Object(m.clone()))?;
+                evals.push((trainer.step(), m));
+            }
+            on_eval(trainer.step(), &trainer.model)?;
         }
         let done = trainer.done();
         trainer.maybe_checkpoint(serde_json::to_value(cursor)?, json!({}), done)?;

@@ -1,0 +1,722 @@
+//! `osp demo`: the whole OSP story on built-in tasks, end to end, in one command.
+//!
+//! Per task: generate the data (oracle-labelled), train an SFT model from scratch (full
+//! fine-tuning of a fresh Llama), teach it to judge on a 2% seed of the human preferences
+//! (preference augmentation, LoRA, then merged: this is πref), then train every method from
+//! πref with LoRA at equal budgets of pairs and optimiser steps, and evaluate each with the
+//! oracle, which no method ever sees.
+use super::evaluate::{
+    judge_own_samples, kl_estimate, oracle_pairs, outcomes, texts, EvalSet, JudgeSummary,
+};
+use super::tasks::{
+    all_tasks, build_task_data, Task, TaskData, TaskSizes, HUMAN_TEMPERATURE, JUDGE_ANSWER_A,
+    JUDGE_ANSWER_B, JUDGE_TEMPLATE,
+};
+use super::wordlevel::write_tokenizer;
+use crate::eval::{mean_std, win_rate};
+use crate::judge::{Judge, JudgeConfig};
+use crate::lora::LoraConfig;
+use crate::model::{init::random_weights, load_model, Llama, LoadedModel, ModelConfig, Trainable};
+use crate::train::config::{ModelSection, TrainMode, TrainSection};
+use crate::train::judge_train::{run_judge_train, JudgeTrainConfig, JudgeTrainData};
+use crate::train::method::{Method, PrefData, TrainConfig};
+use crate::train::optim::OptimConfig;
+use crate::train::sft::{run_sft, SftConfig, SftData};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Command-line options of `osp demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The small budget the tests run (about 2 minutes).
+    pub quick: bool,
+    pub out: PathBuf,
+    pub seed: u64,
+    /// `field=value` overrides of the budget (e.g. `pa_steps=400`).
+    pub overrides: Vec<String>,
+}
+
+/// Every size and rate of a demo run (recorded in summary.json).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoBudget {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub sft_examples: usize,
+    pub sft_steps: usize,
+    pub sft_batch: usize,
+    pub sft_lr: f64,
+    /// The whole "human" preference set; the seed used for augmentation (and by the offline
+    /// baselines) is `seed_fraction` of it.
+    pub human_pairs: usize,
+    pub seed_fraction: f64,
+    pub pa_steps: usize,
+    pub pa_batch: usize,
+    pub pa_lr: f64,
+    pub method_steps: usize,
+    pub prompts_per_step: usize,
+    pub k: usize,
+    pub method_lr: f64,
+    pub beta: f64,
+    pub lora_r: usize,
+    pub max_new_tokens: usize,
+    pub eval_prompts: usize,
+    pub ood_prompts: usize,
+    pub curve_prompts: usize,
+    pub eval_every: usize,
+}
+
+impl DemoBudget {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                hidden_size: 64,
+                layers: 2,
+                heads: 4,
+                sft_examples: 1500,
+                sft_steps: 250,
+                sft_batch: 32,
+                sft_lr: 3e-3,
+                human_pairs: 10_000,
+                seed_fraction: 0.02,
+                pa_steps: 80,
+                pa_batch: 16,
+                pa_lr: 2e-3,
+                method_steps: 10,
+                prompts_per_step: 4,
+                k: 5,
+                method_lr: 5e-4,
+                beta: 0.1,
+                lora_r: 8,
+                max_new_tokens: 10,
+                eval_prompts: 64,
+                ood_prompts: 32,
+                curve_prompts: 24,
+                eval_every: 5,
+            }
+        } else {
+            Self {
+                hidden_size: 96,
+                layers: 3,
+                heads: 4,
+                sft_examples: 4000,
+                sft_steps: 800,
+                sft_batch: 32,
+                sft_lr: 3e-3,
+                human_pairs: 50_000,
+                seed_fraction: 0.02,
+                pa_steps: 400,
+                pa_batch: 16,
+                pa_lr: 1e-3,
+                method_steps: 60,
+                prompts_per_step: 8,
+                k: 7,
+                method_lr: 3e-4,
+                beta: 0.1,
+                lora_r: 16,
+                max_new_tokens: 12,
+                eval_prompts: 200,
+                ood_prompts: 100,
+                curve_prompts: 48,
+                eval_every: 10,
+            }
+        }
+    }
+
+    /// Applies `field=value` overrides (values in TOML syntax).
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
+        let mut t = toml::Table::try_from(&self)?;
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .with_context(|| format!("demo override `{o}`: expected field=value"))?;
+            let v: toml::Value = format!("v = {v}")
+                .parse::<toml::Table>()?
+                .remove("v")
+                .context("no value")?;
+            if !t.contains_key(k.trim()) {
+                anyhow::bail!("demo override `{o}`: no budget field `{}`", k.trim());
+            }
+            t.insert(k.trim().to_string(), v);
+        }
+        Ok(toml::Value::Table(t).try_into()?)
+    }
+
+    /// Pairs per optimiser step of the K-sample online methods; the others match it.
+    pub fn pairs_per_step(&self) -> usize {
+        self.prompts_per_step * ((self.k - 1) / 2)
+    }
+}
+
+/// The methods compared, with their summary keys.
+pub const METHODS: [(&str, Option<Method>); 7] = [
+    ("sft", None),
+    ("dpo", Some(Method::Dpo)),
+    ("ipo", Some(Method::Ipo)),
+    ("online_dpo", Some(Method::OnlineDpo)),
+    ("osp", Some(Method::Osp)),
+    ("osp_hard", Some(Method::OspHard)),
+    ("osp_random_pairs", Some(Method::OspRandomPairs)),
+];
+
+fn judge_config() -> JudgeConfig {
+    JudgeConfig {
+        template: JUDGE_TEMPLATE.to_string(),
+        answer_a: JUDGE_ANSWER_A.to_string(),
+        answer_b: JUDGE_ANSWER_B.to_string(),
+        batch_size: 32,
+        ..Default::default()
+    }
+}
+
+fn write_jsonl(path: &Path, rows: impl Iterator<Item = Value>) -> Result<()> {
+    let text: String = rows.map(|r| r.to_string() + "\n").collect();
+    crate::io::atomic_write(path, text.as_bytes())
+}
+
+/// Data files in TRL layouts for the trainers.
+struct TaskFiles {
+    sft: PathBuf,
+    seed_prefs: PathBuf,
+    prompts: PathBuf,
+}
+
+fn write_task_files(dir: &Path, data: &TaskData, seed_n: usize) -> Result<TaskFiles> {
+    let f = TaskFiles {
+        sft: dir.join("sft.jsonl"),
+        seed_prefs: dir.join("human_seed.jsonl"),
+        prompts: dir.join("prompts.jsonl"),
+    };
+    write_jsonl(
+        &f.sft,
+        data.sft
+            .iter()
+            .map(|(p, c)| json!({"prompt": p, "completion": format!(" {c}")})),
+    )?;
+    write_jsonl(
+        &f.seed_prefs,
+        data.preferences[..seed_n].iter().map(|h| {
+            json!({"prompt": h.prompt, "chosen": format!(" {}", h.chosen), "rejected": format!(" {}", h.rejected), "strength": h.strength})
+        }),
+    )?;
+    write_jsonl(
+        &f.prompts,
+        data.train_prompts.iter().map(|p| json!({"prompt": p})),
+    )?;
+    Ok(f)
+}
+
+/// A fresh Llama for the task's vocabulary, written as a Hugging Face folder.
+fn init_model(dir: &Path, vocab: &[String], b: &DemoBudget, seed: u64) -> Result<()> {
+    let n = write_tokenizer(dir, vocab)?;
+    let cfg = ModelConfig::from_json(&json!({
+        "model_type": "llama", "vocab_size": n, "hidden_size": b.hidden_size,
+        "intermediate_size": (8 * b.hidden_size / 3).div_ceil(16) * 16, "num_hidden_layers": b.layers,
+        "num_attention_heads": b.heads, "num_key_value_heads": b.heads, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true,
+        "bos_token_id": 2, "eos_token_id": 3,
+    }))?;
+    let model = Llama::new(
+        &cfg,
+        random_weights(&cfg, seed, 0.02, &candle_core::Device::Cpu)?,
+        Trainable::None,
+    )?;
+    let tok = crate::tokenizer::Tokenizer::from_hf_dir(dir)?;
+    crate::model::export::save_hf_model(&model, &tok, Some(dir), dir)
+}
+
+fn train_section(
+    out: &Path,
+    steps: usize,
+    batch: usize,
+    seed: u64,
+    eval_every: usize,
+) -> TrainSection {
+    TrainSection {
+        steps,
+        batch_size: batch,
+        seed,
+        max_len: 256,
+        eval_every,
+        save_every: 0,
+        out: out.to_path_buf(),
+        ..Default::default()
+    }
+}
+
+/// Per-method results on one task (the keys of summary.json).
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodResult {
+    pub win_rate_vs_sft: f64,
+    pub win_rate_vs_sft_se: f64,
+    pub greedy_win_rate_vs_sft: f64,
+    pub win_rate_vs_chosen: f64,
+    pub oracle_reward: f64,
+    pub kl: f64,
+    pub mean_length: f64,
+    pub ood_win_rate_vs_sft: f64,
+    pub ood_win_rate_vs_sft_se: f64,
+    pub judge_before_augmentation: JudgeSummary,
+    pub judge_after_augmentation: JudgeSummary,
+    pub judge_on_own_samples: JudgeSummary,
+    /// (step, oracle win rate vs SFT on the curve prompts) during training.
+    pub win_rate_curve: Vec<(usize, f64)>,
+    /// (step, mean response length on the curve prompts) during training.
+    pub length_curve: Vec<(usize, f64)>,
+    pub train_seconds: f64,
+}
+
+/// Everything one task needs while its methods run.
+struct TaskCtx<'a> {
+    task: &'a dyn Task,
+    b: &'a DemoBudget,
+    tok: crate::tokenizer::Tokenizer,
+    sft: LoadedModel,
+    reference: Llama,
+    heldout: EvalSet,
+    ood: EvalSet,
+    curve: EvalSet,
+    /// SFT samples (temperature 1) on each set, with the seeds every policy uses.
+    sft_heldout: Vec<String>,
+    sft_greedy: Vec<String>,
+    sft_ood: Vec<String>,
+    sft_curve: Vec<String>,
+    chosen: Vec<(String, String)>,
+    judge_before: JudgeSummary,
+    judge_after: JudgeSummary,
+    seed: u64,
+}
+
+const SEED_HELDOUT: u64 = 1_000;
+const SEED_OOD: u64 = 2_000_000;
+const SEED_CURVE: u64 = 3_000_000;
+const SEED_OWN: u64 = 4_000_000;
+
+impl TaskCtx<'_> {
+    fn curve_point(&self, policy: &Llama) -> Result<(f64, f64)> {
+        let snap = policy.snapshot()?;
+        let g = self.curve.sample(
+            &snap,
+            &self.tok,
+            1.0,
+            self.b.max_new_tokens,
+            SEED_CURVE + self.seed,
+        )?;
+        let len = mean_std(&g.iter().map(|g| g.tokens.len() as f64).collect::<Vec<_>>()).0;
+        let w = win_rate(&outcomes(
+            self.task,
+            &self.curve.prompts,
+            &texts(&g),
+            &self.sft_curve,
+        ))
+        .0;
+        Ok((w, len))
+    }
+
+    fn evaluate(
+        &self,
+        policy: &Llama,
+        curve: Vec<CurvePoint>,
+        train_seconds: f64,
+    ) -> Result<MethodResult> {
+        let snap = policy.snapshot()?;
+        let (tok, task, b) = (&self.tok, self.task, self.b);
+        let g = self
+            .heldout
+            .sample(&snap, tok, 1.0, b.max_new_tokens, SEED_HELDOUT + self.seed)?;
+        let ours = texts(&g);
+        let (w, se) = win_rate(&outcomes(
+            task,
+            &self.heldout.prompts,
+            &ours,
+            &self.sft_heldout,
+        ));
+        let greedy = texts(&self.heldout.sample(&snap, tok, 0.0, b.max_new_tokens, 0)?);
+        let (gw, _) = win_rate(&outcomes(
+            task,
+            &self.heldout.prompts,
+            &greedy,
+            &self.sft_greedy,
+        ));
+        let (cp, cc): (Vec<String>, Vec<String>) = self.chosen.iter().cloned().unzip();
+        let chosen_set = EvalSet::new(tok, &cp)?;
+        let vs_chosen = texts(&chosen_set.sample(
+            &snap,
+            tok,
+            1.0,
+            b.max_new_tokens,
+            SEED_HELDOUT + 7 + self.seed,
+        )?);
+        let (wc, _) = win_rate(&outcomes(task, &cp, &vs_chosen, &cc));
+        let rewards: Vec<f64> = self
+            .heldout
+            .prompts
+            .iter()
+            .zip(&ours)
+            .map(|(p, r)| task.reward(p, r))
+            .collect();
+        let ood =
+            texts(
+                &self
+                    .ood
+                    .sample(&snap, tok, 1.0, b.max_new_tokens, SEED_OOD + self.seed)?,
+            );
+        let (ow, ose) = win_rate(&outcomes(task, &self.ood.prompts, &ood, &self.sft_ood));
+        let judge = Judge::new(judge_config(), tok)?;
+        let own = judge_own_samples(
+            task,
+            &judge,
+            &snap,
+            tok,
+            &self.heldout,
+            b.max_new_tokens,
+            SEED_OWN + self.seed,
+        )?;
+        Ok(MethodResult {
+            win_rate_vs_sft: w,
+            win_rate_vs_sft_se: se,
+            greedy_win_rate_vs_sft: gw,
+            win_rate_vs_chosen: wc,
+            oracle_reward: mean_std(&rewards).0,
+            kl: kl_estimate(&snap, &self.reference, &self.heldout, &g)?,
+            mean_length: mean_std(&g.iter().map(|g| g.tokens.len() as f64).collect::<Vec<_>>()).0,
+            ood_win_rate_vs_sft: ow,
+            ood_win_rate_vs_sft_se: ose,
+            judge_before_augmentation: self.judge_before.clone(),
+            judge_after_augmentation: self.judge_after.clone(),
+            judge_on_own_samples: own,
+            win_rate_curve: curve.iter().map(|&(s, w, _)| (s, w)).collect(),
+            length_curve: curve.iter().map(|&(s, _, l)| (s, l)).collect(),
+            train_seconds,
+        })
+    }
+}
+
+/// Runs the demo; returns the summary written to `out/summary.json`.
+pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
+    let start = Instant::now();
+    let b = DemoBudget::new(opts.quick).with_overrides(&opts.overrides)?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    let mut tasks_out = Map::new();
+    let mut stage_seconds: BTreeMap<String, f64> = BTreeMap::new();
+    let mut strength_by_rank: Map<String, Value> = Map::new();
+    for task in all_tasks() {
+        let name = task.name();
+        let dir = opts.out.join(name);
+        let mut clock = Instant::now();
+        let mut lap = |stage: &str, clock: &mut Instant| {
+            stage_seconds.insert(format!("{name}/{stage}"), clock.elapsed().as_secs_f64());
+            *clock = Instant::now();
+        };
+        eprintln!("== {name}: data and a fresh model");
+        let seed_n = ((b.human_pairs as f64 * b.seed_fraction).round() as usize).max(8);
+        let sizes = TaskSizes {
+            sft: b.sft_examples,
+            preferences: seed_n + b.eval_prompts,
+            heldout: b.eval_prompts,
+            ood: b.ood_prompts,
+            train_prompts: 400,
+        };
+        let data = build_task_data(task.as_ref(), &sizes, opts.seed);
+        let files = write_task_files(&dir, &data, seed_n)?;
+        let init = dir.join("init");
+        init_model(&init, &task.vocabulary(), &b, opts.seed)?;
+        lap("data", &mut clock);
+
+        eprintln!("== {name}: SFT from scratch ({} steps)", b.sft_steps);
+        let sft_cfg = SftConfig {
+            model: ModelSection {
+                path: init.clone(),
+                train: TrainMode::Full,
+                ..Default::default()
+            },
+            lora: LoraConfig::default(),
+            optim: OptimConfig {
+                lr: b.sft_lr,
+                warmup_steps: b.sft_steps / 20,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+            train: train_section(
+                &dir.join("sft"),
+                b.sft_steps,
+                b.sft_batch,
+                opts.seed,
+                b.sft_steps,
+            ),
+            data: SftData {
+                train: files.sft.clone(),
+                eval_fraction: 0.05,
+                ..Default::default()
+            },
+        };
+        let sft_out = run_sft(&sft_cfg, false, None)?;
+        let sft_dir = sft_out.output.clone();
+        lap("sft_training", &mut clock);
+
+        eprintln!(
+            "== {name}: preference augmentation on {seed_n} seed pairs ({} steps)",
+            b.pa_steps
+        );
+        let pa_cfg = JudgeTrainConfig {
+            model: ModelSection {
+                path: sft_dir.clone(),
+                ..Default::default()
+            },
+            lora: LoraConfig {
+                r: b.lora_r,
+                lora_alpha: 2.0 * b.lora_r as f64,
+                ..Default::default()
+            },
+            optim: OptimConfig {
+                lr: b.pa_lr,
+                ..Default::default()
+            },
+            train: train_section(
+                &dir.join("augmentation"),
+                b.pa_steps,
+                b.pa_batch,
+                opts.seed,
+                0,
+            ),
+            judge: judge_config(),
+            data: JudgeTrainData {
+                preferences: files.seed_prefs.clone(),
+                eval_fraction: 0.0,
+                ..Default::default()
+            },
+        };
+        let pa = run_judge_train(&pa_cfg, false)?;
+        lap("augmentation_training", &mut clock);
+
+        // Judge quality on held-out human pairs, oriented by the oracle.
+        let held: Vec<(String, String, String)> = data.preferences[seed_n..]
+            .iter()
+            .map(|h| {
+                (
+                    h.prompt.clone(),
+                    format!(" {}", h.chosen),
+                    format!(" {}", h.rejected),
+                )
+            })
+            .collect();
+        let judge_eval = oracle_pairs(task.as_ref(), &held, HUMAN_TEMPERATURE);
+        let sft = load_model(&sft_dir, None, &candle_core::Device::Cpu, Trainable::None)?;
+        let tok = sft.tokenizer.clone();
+        let judge = Judge::new(judge_config(), &tok)?;
+        let judge_before =
+            JudgeSummary::from(&judge.evaluate(&sft.model.snapshot()?, &tok, &judge_eval)?);
+        let start_section = ModelSection {
+            path: sft_dir.clone(),
+            adapter: Some(pa.output.clone()),
+            ..Default::default()
+        };
+        let reference =
+            crate::train::sft::load_policy(&start_section, &LoraConfig::default(), 0, true)?
+                .model
+                .without_adapter();
+        let judge_after =
+            JudgeSummary::from(&judge.evaluate(&reference.snapshot()?, &tok, &judge_eval)?);
+        eprintln!(
+            "   judge accuracy vs oracle: {:.3} before, {:.3} after augmentation",
+            judge_before.accuracy, judge_after.accuracy
+        );
+
+        let sft_snap = sft.model.snapshot()?;
+        let heldout = EvalSet::new(&tok, &data.heldout)?;
+        let ood = EvalSet::new(&tok, &data.ood)?;
+        let curve = EvalSet::new(
+            &tok,
+            &data.heldout[..b.curve_prompts.min(data.heldout.len())],
+        )?;
+        let m = b.max_new_tokens;
+        let ctx = TaskCtx {
+            task: task.as_ref(),
+            b: &b,
+            sft_heldout: texts(&heldout.sample(
+                &sft_snap,
+                &tok,
+                1.0,
+                m,
+                SEED_HELDOUT + opts.seed,
+            )?),
+            sft_greedy: texts(&heldout.sample(&sft_snap, &tok, 0.0, m, 0)?),
+            sft_ood: texts(&ood.sample(&sft_snap, &tok, 1.0, m, SEED_OOD + opts.seed)?),
+            sft_curve: texts(&curve.sample(&sft_snap, &tok, 1.0, m, SEED_CURVE + opts.seed)?),
+            chosen: data.preferences[seed_n..]
+                .iter()
+                .map(|h| (h.prompt.clone(), h.chosen.clone()))
+                .collect(),
+            tok,
+            sft,
+            reference,
+            heldout,
+            ood,
+            curve,
+            judge_before,
+            judge_after,
+            seed: opts.seed,
+        };
+        lap("reference_samples", &mut clock);
+
+        let mut results = Map::new();
+        for (key, method) in METHODS {
+            eprintln!("== {name}: {key}");
+            let t = Instant::now();
+            let (policy, curve_pts) = match method {
+                None => (ctx.sft.model.clone(), vec![]),
+                Some(m) => train_method(
+                    &ctx,
+                    m,
+                    &files,
+                    &sft_dir,
+                    &pa.output,
+                    &dir.join(key),
+                    opts.seed,
+                    &mut strength_by_rank,
+                )?,
+            };
+            let secs = t.elapsed().as_secs_f64();
+            let r = ctx.evaluate(&policy, curve_pts, secs)?;
+            eprintln!(
+                "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
+                r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
+            );
+            results.insert(key.to_string(), serde_json::to_value(&r)?);
+            lap(&format!("method_{key}"), &mut clock);
+        }
+        tasks_out.insert(name.to_string(), Value::Object(results));
+    }
+    let summary = json!({
+        "seed": opts.seed,
+        "quick": opts.quick,
+        "config": b,
+        "stage_seconds": stage_seconds,
+        "wall_seconds": start.elapsed().as_secs_f64(),
+        "strength_by_rank": strength_by_rank,
+        "tasks": tasks_out,
+    });
+    crate::io::save_json(&opts.out.join("summary.json"), &summary)?;
+    super::report::write_report(&opts.out, &summary)?;
+    Ok(summary)
+}
+
+/// (optimiser step, oracle win rate vs SFT, mean response length) during training.
+type CurvePoint = (usize, f64, f64);
+
+/// Trains one method from πref (SFT + augmentation, merged) with fresh LoRA adapters;
+/// returns the trained policy and its (step, win rate, length) curve.
+#[allow(clippy::too_many_arguments)]
+fn train_method(
+    ctx: &TaskCtx,
+    method: Method,
+    files: &TaskFiles,
+    sft_dir: &Path,
+    pa_adapter: &Path,
+    out: &Path,
+    seed: u64,
+    strength_by_rank: &mut Map<String, Value>,
+) -> Result<(Llama, Vec<CurvePoint>)> {
+    let b = ctx.b;
+    let online = method.is_online();
+    let batch = match method {
+        Method::OnlineDpo => b.pairs_per_step(), // one pair per prompt
+        m if m.is_online() => b.prompts_per_step,
+        _ => b.pairs_per_step(),
+    };
+    let mut cfg = TrainConfig {
+        method,
+        model: ModelSection {
+            path: sft_dir.to_path_buf(),
+            adapter: Some(pa_adapter.to_path_buf()),
+            ..Default::default()
+        },
+        lora: LoraConfig {
+            r: b.lora_r,
+            lora_alpha: 2.0 * b.lora_r as f64,
+            ..Default::default()
+        },
+        optim: OptimConfig {
+            lr: b.method_lr,
+            schedule: crate::train::optim::Schedule::Constant,
+            ..Default::default()
+        },
+        train: train_section(out, b.method_steps, batch, seed, b.eval_every),
+        judge: judge_config(),
+        data: PrefData {
+            prompts: online.then(|| files.prompts.clone()),
+            preferences: (!online).then(|| files.seed_prefs.clone()),
+            eval_fraction: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cfg.loss.beta = b.beta;
+    cfg.pairing.k = b.k;
+    cfg.sampling.max_new_tokens = b.max_new_tokens;
+    cfg.resolve()?;
+    let mut curve = vec![(0, 0.5, f64::NAN)];
+    if let Ok((w, l)) = ctx.curve_point(&ctx.reference) {
+        curve[0] = (0, w, l);
+    }
+    let policy = if online {
+        let mut run = crate::train::online::OnlineRun::new(&cfg, false)?;
+        let mut points = vec![];
+        run.run(None, |r| {
+            let step = r.trainer.step();
+            if step % b.eval_every == 0 || step == b.method_steps {
+                let (w, l) = ctx.curve_point(&r.trainer.model)?;
+                points.push((step, w, l));
+            }
+            Ok(())
+        })?;
+        curve.extend(points);
+        if method == Method::Osp {
+            strength_by_rank.insert(
+                ctx.task.name().to_string(),
+                strength_histograms(&out.join("metrics.jsonl"))?,
+            );
+        }
+        run.trainer.model.clone()
+    } else {
+        let mut points = vec![];
+        let mut last: Option<Llama> = None;
+        crate::train::offline::run_offline_with(&cfg, false, None, &mut |step, model| {
+            let (w, l) = ctx.curve_point(model)?;
+            points.push((step, w, l));
+            last = Some(model.clone());
+            Ok(())
+        })?;
+        curve.extend(points);
+        last.context("the offline run never evaluated")?
+    };
+    Ok((policy, curve))
+}
+
+/// Sum over the run of the judged-strength histogram per ranked-pair position.
+fn strength_histograms(metrics: &Path) -> Result<Value> {
+    let lines = crate::train::metrics::read_metrics(metrics)?;
+    let mut sums: Vec<Vec<u64>> = vec![];
+    for l in &lines {
+        if let Some(ranks) = l.get("judge/strength_by_rank").and_then(Value::as_array) {
+            sums.resize(
+                ranks.len().max(sums.len()),
+                vec![0; crate::train::online::STRENGTH_BINS],
+            );
+            for (r, h) in ranks.iter().enumerate() {
+                for (i, c) in h.as_array().into_iter().flatten().enumerate() {
+                    if i < sums[r].len() {
+                        sums[r][i] += c.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(json!(sums))
+}

@@ -1,0 +1,181 @@
+//! report.md and the plots of a demo run, from its summary.
+use crate::report::{fmt_mean_err, histogram_plot, line_plot, markdown_table, Series};
+use anyhow::Result;
+use serde_json::Value;
+use std::fmt::Write;
+use std::path::Path;
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn f3(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "n/a".into()
+    }
+}
+
+fn curve(v: &Value, k: &str) -> Vec<(f64, f64)> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p.get(0)?.as_f64()?, p.get(1)?.as_f64().unwrap_or(f64::NAN))))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes report.md and `{task}_win_rate.png`, `{task}_strength_by_rank.png`,
+/// `{task}_length.png` into `out`.
+pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
+    let mut md = String::new();
+    let quick = summary["quick"].as_bool().unwrap_or(false);
+    writeln!(md, "# osp demo report\n")?;
+    writeln!(
+        md,
+        "Seed {}, {} budget, {:.0} s in all. Every number below comes from this run; the oracle \
+         (the task's exact reward) is used only to make the \"human\" data and to evaluate.\n",
+        summary["seed"],
+        if quick { "quick" } else { "default" },
+        num(summary, "wall_seconds")
+    )?;
+    writeln!(md, "## What the numbers mean\n")?;
+    writeln!(
+        md,
+        "- **win vs SFT**: one temperature-1 sample of the method against one of the SFT model on the same \
+         held-out prompt, judged by the oracle (ties ½), ± its standard error.\n\
+         - **greedy win**: the same with greedy decoding.\n\
+         - **win vs chosen**: a sample against the human-chosen response of a held-out pair.\n\
+         - **reward**: mean oracle reward of temperature-1 samples (the ideal scores 1).\n\
+         - **KL**: mean log πθ(y|x) − log πref(y|x) over the method's samples (πref = SFT + augmentation).\n\
+         - **length**: mean response length in tokens.\n\
+         - **OOD win**: win vs SFT on out-of-domain prompts.\n\
+         - **judge acc / ECE / ρ**: the model judging pairs of its own samples against the oracle: accuracy, \
+         expected calibration error, Spearman of judged strength vs the oracle's.\n"
+    )?;
+    let tasks = summary["tasks"].as_object().cloned().unwrap_or_default();
+    for (task, methods) in &tasks {
+        writeln!(md, "## Task `{task}`\n")?;
+        let header = [
+            "method",
+            "win vs SFT",
+            "greedy win",
+            "win vs chosen",
+            "reward",
+            "KL",
+            "length",
+            "OOD win",
+            "judge acc",
+            "ECE",
+            "ρ",
+        ];
+        let mut rows = vec![];
+        let methods = methods.as_object().cloned().unwrap_or_default();
+        // In the order the demo runs them (JSON objects come back sorted).
+        let order: Vec<(&String, &Value)> = super::pipeline::METHODS
+            .iter()
+            .filter_map(|(k, _)| methods.get_key_value(*k))
+            .chain(
+                methods
+                    .iter()
+                    .filter(|(k, _)| !super::pipeline::METHODS.iter().any(|(m, _)| m == k)),
+            )
+            .collect();
+        for (m, r) in order {
+            let j = &r["judge_on_own_samples"];
+            rows.push(vec![
+                m.clone(),
+                fmt_mean_err(num(r, "win_rate_vs_sft"), num(r, "win_rate_vs_sft_se")),
+                f3(num(r, "greedy_win_rate_vs_sft")),
+                f3(num(r, "win_rate_vs_chosen")),
+                f3(num(r, "oracle_reward")),
+                f3(num(r, "kl")),
+                f3(num(r, "mean_length")),
+                fmt_mean_err(
+                    num(r, "ood_win_rate_vs_sft"),
+                    num(r, "ood_win_rate_vs_sft_se"),
+                ),
+                f3(num(j, "accuracy")),
+                f3(num(j, "ece")),
+                f3(num(j, "spearman_vs_oracle")),
+            ]);
+        }
+        md.push_str(&markdown_table(&header, &rows));
+        if let Some(any) = methods.values().next() {
+            let (b, a) = (
+                &any["judge_before_augmentation"],
+                &any["judge_after_augmentation"],
+            );
+            writeln!(
+                md,
+                "\nJudge on held-out human pairs (against the oracle): accuracy {} → {}, ECE {} → {}, \
+                 strength-vs-oracle Spearman {} → {} (before → after preference augmentation).\n",
+                f3(num(b, "accuracy")),
+                f3(num(a, "accuracy")),
+                f3(num(b, "ece")),
+                f3(num(a, "ece")),
+                f3(num(b, "spearman_vs_oracle")),
+                f3(num(a, "spearman_vs_oracle")),
+            )?;
+        }
+        let series = |k: &str| -> Vec<Series> {
+            methods
+                .iter()
+                .filter(|(m, _)| m.as_str() != "sft")
+                .map(|(m, r)| Series {
+                    name: m.clone(),
+                    points: curve(r, k),
+                })
+                .collect()
+        };
+        let win_png = format!("{task}_win_rate.png");
+        line_plot(
+            &out.join(&win_png),
+            &format!("{task}: oracle win rate vs SFT"),
+            "optimiser step",
+            "win rate",
+            &series("win_rate_curve"),
+            Some(0.5),
+        )?;
+        let len_png = format!("{task}_length.png");
+        line_plot(
+            &out.join(&len_png),
+            &format!("{task}: response length"),
+            "optimiser step",
+            "tokens",
+            &series("length_curve"),
+            None,
+        )?;
+        writeln!(md, "![win rate]({win_png})\n\n![length]({len_png})\n")?;
+        if let Some(h) = summary["strength_by_rank"]
+            .get(task)
+            .and_then(Value::as_array)
+        {
+            let groups: Vec<(String, Vec<usize>)> = h
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let counts = c
+                        .as_array()
+                        .map(|a| a.iter().map(|x| x.as_u64().unwrap_or(0) as usize).collect())
+                        .unwrap_or_default();
+                    (format!("pair {} (rank {})", i + 1, i), counts)
+                })
+                .collect();
+            let png = format!("{task}_strength_by_rank.png");
+            histogram_plot(
+                &out.join(&png),
+                &format!("{task}: OSP judged strength by ranked-pair position"),
+                "strength",
+                &groups,
+                0.0,
+                1.0,
+            )?;
+            writeln!(md, "![strengths]({png})\n\nPair 1 is best-vs-worst; ranked pairing should give it the strongest preferences.\n")?;
+        }
+    }
+    crate::io::atomic_write(&out.join("report.md"), md.as_bytes())
+}
