@@ -28,8 +28,11 @@ pub struct JudgeTrainData {
     pub format: DataFormat,
     /// Share of the pairs held out to measure the judge before and after. Default 0.1.
     pub eval_fraction: f64,
-    /// Share of each batch that is SFT (x → y_w) rather than judge examples. Default 0.5.
+    /// Share of each batch that is SFT rather than judge examples. Default 0.5.
     pub sft_mix: f64,
+    /// SFT examples to mix in (the SFT training file, in any `osp sft` format); without it,
+    /// the seed pairs' chosen responses (x → y_w). Default: none.
+    pub sft: Option<PathBuf>,
     /// Use the data's strengths as soft targets where present (else hard A/B). Default true.
     pub soft_targets: bool,
     /// "skip" or "abort" on a malformed record. Default "skip".
@@ -43,6 +46,7 @@ impl Default for JudgeTrainData {
             format: DataFormat::Auto,
             eval_fraction: 0.1,
             sft_mix: 0.5,
+            sft: None,
             soft_targets: true,
             on_malformed: OnMalformed::Skip,
         }
@@ -174,6 +178,9 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
             cfg.data.soft_targets,
             limit,
         )?);
+        if cfg.data.sft.is_some() {
+            continue;
+        }
         if let Ok(t) = tokenize_pair(tok, p, limit)? {
             let (ids, loss_mask) = join(&t.prompt, &t.chosen);
             sft_ex.push(TokenizedExample {
@@ -182,6 +189,13 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
                 source: p.source.clone(),
             });
         }
+    }
+    if let Some(path) = &cfg.data.sft {
+        let (examples, warnings) = crate::data::load_sft(path, tok, limit, cfg.data.on_malformed)?;
+        for w in warnings.iter().take(5) {
+            eprintln!("warning: {w}");
+        }
+        sft_ex = examples;
     }
     let before = report(&judge, &lm.model, tok, &held_out)?;
     let (mut trainer, data) = Trainer::start(
