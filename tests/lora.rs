@@ -179,15 +179,7 @@ fn only_adapters_train_and_fresh_adapters_start_as_the_base() {
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let m: f32 = g
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let m = max_abs_value(g);
         // With B = 0, A's gradient is zero (it flows through B); B's is not.
         if name.contains("lora_B") {
             assert!(m > 0.0, "{name}");

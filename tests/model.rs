@@ -144,15 +144,7 @@ fn every_trainable_tensor_receives_a_gradient() {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{kind}: no gradient for {name}"));
-            let m: f32 = g
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let m = max_abs_value(g);
             assert!(
                 m > 0.0 && m.is_finite(),
                 "{kind}: gradient of {name} is {m}"

@@ -147,6 +147,15 @@ impl DemoBudget {
         Ok(toml::Value::Table(t).try_into()?)
     }
 
+    /// The adapters every LoRA stage trains (alpha = 2r).
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.lora_r,
+            lora_alpha: 2.0 * self.lora_r as f64,
+            ..Default::default()
+        }
+    }
+
     /// Pairs per optimiser step of the K-sample online methods; the others match it.
     pub fn pairs_per_step(&self) -> usize {
         self.prompts_per_step * ((self.k - 1) / 2)
@@ -469,11 +478,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
                 path: sft_dir.clone(),
                 ..Default::default()
             },
-            lora: LoraConfig {
-                r: b.lora_r,
-                lora_alpha: 2.0 * b.lora_r as f64,
-                ..Default::default()
-            },
+            lora: b.lora(),
             optim: OptimConfig {
                 lr: b.pa_lr,
                 ..Default::default()
@@ -639,11 +644,7 @@ fn train_method(
             adapter: Some(pa_adapter.to_path_buf()),
             ..Default::default()
         },
-        lora: LoraConfig {
-            r: b.lora_r,
-            lora_alpha: 2.0 * b.lora_r as f64,
-            ..Default::default()
-        },
+        lora: b.lora(),
         optim: OptimConfig {
             lr: b.method_lr,
             schedule: crate::train::optim::Schedule::Constant,

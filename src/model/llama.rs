@@ -317,6 +317,8 @@ pub struct Llama {
     vars: Vec<(String, Var)>,
     /// The adapters' configuration and shared state, when built with `Trainable::Lora`.
     lora: Option<(LoraConfig, Arc<LoraContext>)>,
+    /// Made by `snapshot()`: frozen storage nobody writes, so snapshotting again is a clone.
+    frozen: bool,
     device: Device,
 }
 
@@ -417,6 +419,7 @@ impl Llama {
             lm_head,
             vars,
             lora,
+            frozen: false,
             device,
         })
     }
@@ -434,11 +437,15 @@ impl Llama {
     /// change it), the adapter merged in, no autograd graph, and matmul-friendly weight
     /// layouts. Costs one copy of the weights, which faster matmuls repay within a few steps.
     pub fn snapshot(&self) -> Result<Self> {
+        if self.frozen {
+            return Ok(self.clone());
+        }
         let mut s = self.map_linears(&|l: &Linear| l.snapshot(), true)?;
         if s.lm_head.is_none() {
             // A tied head gets its own transposed copy; the embedding stays the lookup table.
             s.lm_head = Some(Linear::new(s.embed_tokens.clone(), None).snapshot()?);
         }
+        s.frozen = true;
         Ok(s)
     }
 
@@ -488,6 +495,7 @@ impl Llama {
             lm_head: self.lm_head.as_ref().map(f).transpose()?,
             vars: vec![],
             lora: None,
+            frozen: false,
             device: self.device.clone(),
         })
     }

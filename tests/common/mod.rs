@@ -48,9 +48,12 @@ pub fn tiny_model(model_type: &str, tied: bool, trainable: Trainable, seed: u64)
 
 /// Largest absolute element-wise difference of two tensors of one shape.
 pub fn max_abs(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs_value(&(a - b).unwrap())
+}
+
+/// Largest absolute element of a tensor.
+pub fn max_abs_value(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
