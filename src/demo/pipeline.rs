@@ -295,7 +295,10 @@ struct TaskCtx<'a> {
     sft_greedy: Vec<String>,
     sft_ood: Vec<String>,
     sft_curve: Vec<String>,
-    chosen: Vec<(String, String)>,
+    /// Held-out human pairs' prompts and chosen responses, for the win rate vs chosen.
+    chosen_prompts: EvalSet,
+    chosen: Vec<String>,
+    judge: Judge,
     judge_before: JudgeSummary,
     judge_after: JudgeSummary,
     seed: u64,
@@ -352,16 +355,19 @@ impl TaskCtx<'_> {
             &greedy,
             &self.sft_greedy,
         ));
-        let (cp, cc): (Vec<String>, Vec<String>) = self.chosen.iter().cloned().unzip();
-        let chosen_set = EvalSet::new(tok, &cp)?;
-        let vs_chosen = texts(&chosen_set.sample(
+        let vs_chosen = texts(&self.chosen_prompts.sample(
             &snap,
             tok,
             1.0,
             b.max_new_tokens,
             SEED_HELDOUT + 7 + self.seed,
         )?);
-        let (wc, _) = win_rate(&outcomes(task, &cp, &vs_chosen, &cc));
+        let (wc, _) = win_rate(&outcomes(
+            task,
+            &self.chosen_prompts.prompts,
+            &vs_chosen,
+            &self.chosen,
+        ));
         let rewards: Vec<f64> = self
             .heldout
             .prompts
@@ -376,10 +382,9 @@ impl TaskCtx<'_> {
                     .sample(&snap, tok, 1.0, b.max_new_tokens, SEED_OOD + self.seed)?,
             );
         let (ow, ose) = win_rate(&outcomes(task, &self.ood.prompts, &ood, &self.sft_ood));
-        let judge = Judge::new(judge_config(), tok)?;
         let own = judge_own_samples(
             task,
-            &judge,
+            &self.judge,
             &snap,
             tok,
             &self.heldout,
@@ -535,6 +540,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             judge_before.accuracy, judge_after.accuracy
         );
 
+        let (chosen_prompts, chosen_responses): (Vec<String>, Vec<String>) = data.preferences
+            [seed_n..]
+            .iter()
+            .map(|h| (h.prompt.clone(), h.chosen.clone()))
+            .unzip();
         let sft_snap = sft.model.snapshot()?;
         let heldout = EvalSet::new(&tok, &data.heldout)?;
         let ood = EvalSet::new(&tok, &data.ood)?;
@@ -556,10 +566,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             sft_greedy: texts(&heldout.sample(&sft_snap, &tok, 0.0, m, 0)?),
             sft_ood: texts(&ood.sample(&sft_snap, &tok, 1.0, m, SEED_OOD + opts.seed)?),
             sft_curve: texts(&curve.sample(&sft_snap, &tok, 1.0, m, SEED_CURVE + opts.seed)?),
-            chosen: data.preferences[seed_n..]
-                .iter()
-                .map(|h| (h.prompt.clone(), h.chosen.clone()))
-                .collect(),
+            chosen_prompts: EvalSet::new(&tok, &chosen_prompts)?,
+            chosen: chosen_responses,
+            judge,
             tok,
             sft,
             reference,
@@ -572,6 +581,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         };
         lap("reference_samples", &mut clock);
 
+        // Every method starts from πref: its curve point at step 0 is the same for all.
+        let start = ctx.curve_point(&ctx.reference)?;
         let mut results = Map::new();
         for (key, method) in METHODS {
             eprintln!("== {name}: {key}");
@@ -585,7 +596,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
                     &sft_dir,
                     &pa.output,
                     &dir.join(key),
-                    opts.seed,
+                    start,
                     &mut strength_by_rank,
                 )?,
             };
@@ -627,10 +638,10 @@ fn train_method(
     sft_dir: &Path,
     pa_adapter: &Path,
     out: &Path,
-    seed: u64,
+    start: (f64, f64),
     strength_by_rank: &mut Map<String, Value>,
 ) -> Result<(Llama, Vec<CurvePoint>)> {
-    let b = ctx.b;
+    let (b, seed) = (ctx.b, ctx.seed);
     let online = method.is_online();
     let batch = match method {
         Method::OnlineDpo => b.pairs_per_step(), // one pair per prompt
@@ -664,10 +675,7 @@ fn train_method(
     cfg.pairing.k = b.k;
     cfg.sampling.max_new_tokens = b.max_new_tokens;
     cfg.resolve()?;
-    let mut curve = vec![(0, 0.5, f64::NAN)];
-    if let Ok((w, l)) = ctx.curve_point(&ctx.reference) {
-        curve[0] = (0, w, l);
-    }
+    let mut curve = vec![(0, start.0, start.1)];
     let policy = if online {
         let mut run = crate::train::online::OnlineRun::new(&cfg, false)?;
         let mut points = vec![];

@@ -159,7 +159,8 @@ pub fn tokens_of(pairs: &[(&[u32], &[u32], &[u32])]) -> usize {
         .sum()
 }
 
-/// Checks that πref is a frozen model distinct from a trainable policy.
+/// πref for a policy: the same model with its adapters off (LoRA, no copy), or a frozen
+/// snapshot of the starting weights (full fine-tuning).
 pub fn reference_for(policy: &Llama) -> Result<Llama> {
     Ok(if policy.lora_config().is_some() {
         policy.without_adapter()

@@ -94,16 +94,14 @@ pub fn load_policy(
         config: LoraConfig::from_peft_dir(dir)?,
         seed,
     };
-    if !merge_start {
-        if m.train == TrainMode::Full {
-            bail!("model.adapter with model.train = \"full\" needs the adapter merged first (osp export --merge)");
-        }
-        let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
-        crate::lora::load_adapter(&lm.model, dir)?;
-        return Ok(lm);
+    if !merge_start && m.train == TrainMode::Full {
+        bail!("model.adapter with model.train = \"full\" needs the adapter merged first (osp export --merge)");
     }
     let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
     crate::lora::load_adapter(&lm.model, dir)?;
+    if !merge_start {
+        return Ok(lm);
+    }
     let merged = lm.model.merged()?;
     let weights = crate::model::Weights::new(
         merged.named_tensors().into_iter().collect(),
