@@ -399,6 +399,7 @@ fn task_data_deterministic_and_disjoint() {
         heldout: 100,
         ood: 100,
         train_prompts: 500,
+        format: 200,
     };
     for task in all_tasks() {
         let task = task.as_ref();
@@ -414,6 +415,15 @@ fn task_data_deterministic_and_disjoint() {
         assert_eq!(a.heldout.len(), sizes.heldout);
         assert_eq!(a.ood.len(), sizes.ood);
         assert_eq!(a.train_prompts.len(), sizes.train_prompts);
+        // format examples: the judge template over two demonstrations, verdicts a fair coin
+        assert_eq!(a.format.len(), sizes.format);
+        let n_a = a.format.iter().filter(|(_, v)| v == JUDGE_ANSWER_A).count();
+        assert!(a.format.iter().all(|(t, v)| {
+            t.starts_with("which response is better ? prompt : ")
+                && t.ends_with("the better response is response")
+                && (v == JUDGE_ANSWER_A || v == JUDGE_ANSWER_B)
+        }));
+        assert!((70..=130).contains(&n_a), "{n_a} of 200 verdicts are a");
 
         let training: HashSet<String> = a
             .sft

@@ -740,6 +740,11 @@ pub struct TaskData {
     pub ood: Vec<String>,
     /// In-domain prompts for online training.
     pub train_prompts: Vec<String>,
+    /// Judge-format examples with coin-flip verdicts: ([`JUDGE_TEMPLATE`] filled with a
+    /// training prompt and two demonstrations, ` a` or ` b` with probability ½ each). Mixed
+    /// into the from-scratch SFT data, they play the part of pretraining: the base model learns
+    /// the judge prompt's format and answer tokens, but no judging skill (see [`format_examples`]).
+    pub format: Vec<(String, String)>,
 }
 
 /// How many of each [`TaskData`] item to draw.
@@ -750,6 +755,7 @@ pub struct TaskSizes {
     pub heldout: usize,
     pub ood: usize,
     pub train_prompts: usize,
+    pub format: usize,
 }
 
 impl Default for TaskSizes {
@@ -760,6 +766,7 @@ impl Default for TaskSizes {
             heldout: 200,
             ood: 200,
             train_prompts: 2000,
+            format: 0,
         }
     }
 }
@@ -892,11 +899,48 @@ pub fn build_task_data(task: &dyn Task, sizes: &TaskSizes, seed: u64) -> TaskDat
     let train_prompts = (0..sizes.train_prompts)
         .filter_map(|_| draw_prompt(task, &mut rng, &reserved))
         .collect();
+    let mut rng = stream(6);
+    let format = format_examples(task, sizes.format, &mut rng, &reserved);
     TaskData {
         sft,
         preferences,
         heldout,
         ood,
         train_prompts,
+        format,
     }
+}
+
+/// `n` judge prompts ([`JUDGE_TEMPLATE`] over a training prompt and two demonstrations) with a
+/// verdict drawn by a fair coin, independent of the responses.
+///
+/// Why: a pretrained LLM already knows how to answer "A" or "B"; the demo's models are trained
+/// from scratch on task text only, so without these the answer tokens' embeddings stay at their
+/// random initialisation (they are tied to the LM head, and LoRA leaves them frozen), and
+/// preference augmentation cannot make the judge put its mass on them. Coin-flip verdicts teach
+/// the format and nothing about which response is better: the judge before augmentation stays
+/// at chance.
+pub fn format_examples(
+    task: &dyn Task,
+    n: usize,
+    rng: &mut ChaCha8Rng,
+    reserved: &HashSet<String>,
+) -> Vec<(String, String)> {
+    (0..n)
+        .filter_map(|_| {
+            let prompt = draw_prompt(task, rng, reserved)?;
+            let a = task.demonstration(&prompt, rng, P_IDEAL);
+            let b = task.demonstration(&prompt, rng, P_IDEAL);
+            let text = JUDGE_TEMPLATE
+                .replace("{prompt}", &prompt)
+                .replace("{a}", &a)
+                .replace("{b}", &b);
+            let answer = if rng.random_bool(0.5) {
+                JUDGE_ANSWER_A
+            } else {
+                JUDGE_ANSWER_B
+            };
+            Some((text, answer.to_string()))
+        })
+        .collect()
 }
