@@ -53,6 +53,19 @@ struct DemoArgs {
     /// Override a budget field (see summary.json's `config`): --set pa_steps=400.
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     set: Vec<String>,
+    /// Run only this task (repeatable; default: every task).
+    #[arg(long, value_name = "NAME")]
+    task: Vec<String>,
+    /// Run once per seed into OUT/seed-S and aggregate (mean, spread, claims) into
+    /// OUT/seeds.json and OUT/seeds.md: --seeds 0,1,2. Overrides --seed.
+    #[arg(long, value_delimiter = ',', value_name = "S,S,...")]
+    seeds: Vec<u64>,
+    /// Add the studies: a learning-rate collapse run (online methods at 3× the learning
+    /// rate) and an epoch study (DPO and offline SPCE for 1×, 4× and 16× the steps). Same as
+    /// --set collapse_lr_factor=3 --set epoch_multipliers=[1,4,16]. With --seeds, on the
+    /// first seed only.
+    #[arg(long)]
+    studies: bool,
 }
 
 #[derive(clap::Args)]
@@ -203,17 +216,30 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::JudgeTrain(a) => cmd_judge_train(a),
         Cmd::Judge(a) => cmd_judge(a),
         Cmd::Demo(a) => {
+            let mut overrides = vec![];
+            if a.studies {
+                overrides.push("collapse_lr_factor=3.0".to_string());
+                overrides.push("epoch_multipliers=[1, 4, 16]".to_string());
+            }
+            overrides.extend(a.set.iter().cloned());
             let opts = osp::demo::DemoOptions {
                 quick: a.quick,
                 out: a.out.clone(),
                 seed: a.seed,
-                overrides: a.set.clone(),
+                overrides,
+                tasks: a.task.clone(),
             };
-            osp::demo::run_demo(&opts)?;
+            let (json, md) = if a.seeds.is_empty() {
+                osp::demo::run_demo(&opts)?;
+                ("summary.json", "report.md")
+            } else {
+                osp::demo::run_seeds(&opts, &a.seeds)?;
+                ("seeds.json", "seeds.md")
+            };
             eprintln!(
-                "wrote {}/summary.json and {}/report.md",
-                a.out.display(),
-                a.out.display()
+                "wrote {} and {}",
+                a.out.join(json).display(),
+                a.out.join(md).display()
             );
             Ok(())
         }

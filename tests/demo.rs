@@ -28,6 +28,11 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
             "0",
             "--out",
             out.to_str().unwrap(),
+            // both studies, at a small size
+            "--set",
+            "collapse_lr_factor=3.0",
+            "--set",
+            "epoch_multipliers=[1, 2]",
         ])
         .status()
         .unwrap();
@@ -65,6 +70,35 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
         }
         // SFT against itself, with the same seeds, is an exact tie.
         assert_eq!(summary["tasks"][task]["sft"]["win_rate_vs_sft"], 0.5);
+        // The claim at the quick budget (seed 0): OSP raises the oracle reward over SFT.
+        let reward = |m: &str| summary["tasks"][task][m]["oracle_reward"].as_f64().unwrap();
+        assert!(
+            reward("osp") > reward("sft"),
+            "{task}: OSP reward {} <= SFT reward {}",
+            reward("osp"),
+            reward("sft")
+        );
+        // πref (the start of every method) is evaluated too.
+        assert!(summary["reference"][task]["oracle_reward"].is_number());
+        // Studies: three online runs at the higher learning rate, and DPO / offline SPCE at
+        // 1x and 2x the steps, where 2x means twice the epochs.
+        let study = &summary["studies"][task];
+        for m in ["online_dpo", "osp_hard", "osp"] {
+            assert!(
+                study["lr_collapse"][m]["win_rate_vs_sft"].is_number(),
+                "{task}/{m}"
+            );
+        }
+        assert!((study["lr_collapse"]["lr"].as_f64().unwrap() - 3e-3).abs() < 1e-12);
+        for m in ["dpo", "spce_offline"] {
+            let runs = study["epochs"][m].as_array().unwrap();
+            assert_eq!(runs.len(), 2);
+            let e: Vec<f64> = runs.iter().map(|r| r["epochs"].as_f64().unwrap()).collect();
+            assert!((e[1] - 2.0 * e[0]).abs() < 1e-9 && e[0] > 0.0);
+            assert!(runs[1]["win_rate_curve"].as_array().unwrap().len() >= 2);
+        }
+        let bytes = std::fs::read(out.join(format!("{task}_epochs.png"))).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         for png in ["win_rate", "length", "strength_by_rank"] {
             let p = out.join(format!("{task}_{png}.png"));
             let bytes = std::fs::read(&p).unwrap_or_else(|_| panic!("{} missing", p.display()));
@@ -78,4 +112,69 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("## Task `summarize`") && report.contains("| osp "));
+    assert!(report.contains("πref (start)") && report.contains("### Study: epochs"));
+}
+
+#[test]
+fn unknown_method_or_task_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--set", "methods=[\"osp\", \"ppo\"]"],
+            "demo method `ppo`",
+        ),
+        (vec!["--task", "poetry"], "poetry"),
+        (vec!["--set", "pa_stepz=3"], "no budget field `pa_stepz`"),
+    ] {
+        let out = tmp.path().join("d");
+        let o = Command::new(env!("CARGO_BIN_EXE_osp"))
+            .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!out.join("summarize").exists(), "{args:?} did work first");
+    }
+}
+
+#[test]
+fn seeds_aggregate_mean_spread_and_claims() {
+    use serde_json::json;
+    let run = |osp: f64, dpo: f64, reward: f64| {
+        json!({"wall_seconds": 10.0, "tasks": {"t": {
+            "sft": {"win_rate_vs_sft": 0.5, "oracle_reward": 0.1},
+            "dpo": {"win_rate_vs_sft": dpo, "oracle_reward": 0.2},
+            "osp": {"win_rate_vs_sft": osp, "oracle_reward": reward,
+                    "judge_after_augmentation": {"accuracy": 0.9}},
+        }}})
+    };
+    let agg = osp::demo::seeds::aggregate(
+        &[0, 1, 2],
+        &[
+            run(0.6, 0.55, 0.3),
+            run(0.5, 0.55, 0.05),
+            run(0.7, 0.65, 0.4),
+        ],
+    );
+    let w = &agg["tasks"]["t"]["methods"]["osp"]["win_rate_vs_sft"];
+    assert!((w["mean"].as_f64().unwrap() - 0.6).abs() < 1e-12);
+    assert!((w["std"].as_f64().unwrap() - 0.1).abs() < 1e-12); // sample std of .6 .5 .7
+    assert_eq!(w["min"], 0.5);
+    assert_eq!(w["max"], 0.7);
+    let claims = &agg["tasks"]["t"]["claims"];
+    assert_eq!(claims["OSP beats DPO"]["held"], 2);
+    assert_eq!(claims["OSP beats SFT"]["held"], 2); // reward 0.05 < 0.1 on seed 1
+    assert_eq!(claims["OSP beats SFT"]["of"], 3);
+    // a claim whose methods did not run is left out, not counted as failing
+    assert!(claims.get("OSP beats IPO").is_none());
+    assert!(
+        (agg["tasks"]["t"]["judge_accuracy_after_augmentation"]["mean"]
+            .as_f64()
+            .unwrap()
+            - 0.9)
+            .abs()
+            < 1e-12
+    );
 }

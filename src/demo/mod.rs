@@ -4,7 +4,9 @@
 pub mod evaluate;
 pub mod pipeline;
 pub mod report;
+pub mod seeds;
 pub mod tasks;
 pub mod wordlevel;
 
 pub use pipeline::{run_demo, DemoOptions};
+pub use seeds::run_seeds;

@@ -1,10 +1,12 @@
 //! `osp demo`: the whole OSP story on built-in tasks, end to end, in one command.
 //!
 //! Per task: generate the data (oracle-labelled), train an SFT model from scratch (full
-//! fine-tuning of a fresh Llama), teach it to judge on a 2% seed of the human preferences
-//! (preference augmentation, LoRA, then merged: this is πref), then train every method from
-//! πref with LoRA at equal budgets of pairs and optimiser steps, and evaluate each with the
-//! oracle, which no method ever sees.
+//! fine-tuning of a fresh Llama, on the demonstrations plus coin-flip judge-format examples
+//! that stand in for pretraining), teach it to judge on a 2% seed of the human preferences
+//! (preference augmentation; full fine-tuning by default, since LoRA on a model this small
+//! learned to judge the summaries far more slowly: this is πref), then train every method
+//! from πref with LoRA at equal budgets of pairs and optimiser steps, and evaluate each with
+//! the oracle, which no method ever sees.
 use super::evaluate::{
     judge_own_samples, kl_estimate, oracle_pairs, outcomes, texts, EvalSet, JudgeSummary,
 };
@@ -38,6 +40,8 @@ pub struct DemoOptions {
     pub seed: u64,
     /// `field=value` overrides of the budget (e.g. `pa_steps=400`).
     pub overrides: Vec<String>,
+    /// Task names to run (empty: every task).
+    pub tasks: Vec<String>,
 }
 
 /// Every size and rate of a demo run (recorded in summary.json).
@@ -51,6 +55,9 @@ pub struct DemoBudget {
     pub sft_steps: usize,
     pub sft_batch: usize,
     pub sft_lr: f64,
+    /// Coin-flip judge-format examples added to the SFT data, as a share of `sft_examples`
+    /// (the base model's "pretraining" on the judge prompt; see `tasks::format_examples`).
+    pub format_fraction: f64,
     /// The whole "human" preference set; the seed used for augmentation (and by the offline
     /// baselines) is `seed_fraction` of it.
     pub human_pairs: usize,
@@ -58,6 +65,10 @@ pub struct DemoBudget {
     pub pa_steps: usize,
     pub pa_batch: usize,
     pub pa_lr: f64,
+    /// Preference augmentation trains every weight (true) or LoRA adapters (false).
+    pub pa_full: bool,
+    /// Share of each augmentation batch that is SFT examples (keeps generation from degrading).
+    pub pa_sft_mix: f64,
     pub method_steps: usize,
     pub prompts_per_step: usize,
     pub k: usize,
@@ -69,6 +80,12 @@ pub struct DemoBudget {
     pub ood_prompts: usize,
     pub curve_prompts: usize,
     pub eval_every: usize,
+    /// Methods to run, by summary key (any of [`ALL_METHODS`]); default the seven of the issue.
+    pub methods: Vec<String>,
+    /// Study (0 = off): the hard-label online methods and OSP again at `method_lr` × this.
+    pub collapse_lr_factor: f64,
+    /// Study (empty = off): DPO and offline SPCE on the seed pairs for `method_steps` × each.
+    pub epoch_multipliers: Vec<usize>,
 }
 
 impl DemoBudget {
@@ -82,11 +99,14 @@ impl DemoBudget {
                 sft_steps: 250,
                 sft_batch: 32,
                 sft_lr: 3e-3,
+                format_fraction: 0.1,
                 human_pairs: 10_000,
                 seed_fraction: 0.02,
                 pa_steps: 300,
                 pa_batch: 32,
                 pa_lr: 3e-3,
+                pa_full: true,
+                pa_sft_mix: 0.25,
                 method_steps: 16,
                 prompts_per_step: 4,
                 k: 5,
@@ -98,6 +118,9 @@ impl DemoBudget {
                 ood_prompts: 32,
                 curve_prompts: 24,
                 eval_every: 5,
+                methods: default_methods(),
+                collapse_lr_factor: 0.0,
+                epoch_multipliers: vec![],
             }
         } else {
             Self {
@@ -108,11 +131,14 @@ impl DemoBudget {
                 sft_steps: 800,
                 sft_batch: 32,
                 sft_lr: 3e-3,
+                format_fraction: 0.1,
                 human_pairs: 50_000,
                 seed_fraction: 0.02,
                 pa_steps: 600,
                 pa_batch: 32,
                 pa_lr: 3e-3,
+                pa_full: true,
+                pa_sft_mix: 0.25,
                 method_steps: 60,
                 prompts_per_step: 8,
                 k: 7,
@@ -124,6 +150,9 @@ impl DemoBudget {
                 ood_prompts: 100,
                 curve_prompts: 48,
                 eval_every: 10,
+                methods: default_methods(),
+                collapse_lr_factor: 0.0,
+                epoch_multipliers: vec![],
             }
         }
     }
@@ -162,7 +191,7 @@ impl DemoBudget {
     }
 }
 
-/// The methods compared, with their summary keys.
+/// The methods compared by default, with their summary keys.
 pub const METHODS: [(&str, Option<Method>); 7] = [
     ("sft", None),
     ("dpo", Some(Method::Dpo)),
@@ -172,6 +201,34 @@ pub const METHODS: [(&str, Option<Method>); 7] = [
     ("osp_hard", Some(Method::OspHard)),
     ("osp_random_pairs", Some(Method::OspRandomPairs)),
 ];
+
+/// Every method the demo can run (`methods` in the budget).
+pub const ALL_METHODS: [(&str, Option<Method>); 9] = [
+    METHODS[0],
+    METHODS[1],
+    METHODS[2],
+    METHODS[3],
+    METHODS[4],
+    METHODS[5],
+    METHODS[6],
+    ("cdpo", Some(Method::Cdpo)),
+    ("spce_offline", Some(Method::SpceOffline)),
+];
+
+fn default_methods() -> Vec<String> {
+    METHODS.iter().map(|(k, _)| k.to_string()).collect()
+}
+
+fn method_by_key(key: &str) -> Result<Option<Method>> {
+    ALL_METHODS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, m)| *m)
+        .with_context(|| {
+            let keys: Vec<&str> = ALL_METHODS.iter().map(|(k, _)| *k).collect();
+            format!("demo method `{key}`: expected one of {}", keys.join(", "))
+        })
+}
 
 fn judge_config() -> JudgeConfig {
     JudgeConfig {
@@ -190,7 +247,10 @@ fn write_jsonl(path: &Path, rows: impl Iterator<Item = Value>) -> Result<()> {
 
 /// Data files in TRL layouts for the trainers.
 struct TaskFiles {
+    /// Demonstrations (what preference augmentation mixes in).
     sft: PathBuf,
+    /// Demonstrations and coin-flip judge-format examples (what SFT from scratch trains on).
+    base: PathBuf,
     seed_prefs: PathBuf,
     prompts: PathBuf,
 }
@@ -198,14 +258,19 @@ struct TaskFiles {
 fn write_task_files(dir: &Path, data: &TaskData, seed_n: usize) -> Result<TaskFiles> {
     let f = TaskFiles {
         sft: dir.join("sft.jsonl"),
+        base: dir.join("sft_and_format.jsonl"),
         seed_prefs: dir.join("human_seed.jsonl"),
         prompts: dir.join("prompts.jsonl"),
     };
+    let demo = |(p, c): &(String, String)| json!({"prompt": p, "completion": format!(" {c}")});
+    write_jsonl(&f.sft, data.sft.iter().map(demo))?;
     write_jsonl(
-        &f.sft,
-        data.sft
-            .iter()
-            .map(|(p, c)| json!({"prompt": p, "completion": format!(" {c}")})),
+        &f.base,
+        data.sft.iter().map(demo).chain(
+            data.format
+                .iter()
+                .map(|(p, c)| json!({"prompt": p, "completion": c})),
+        ),
     )?;
     write_jsonl(
         &f.seed_prefs,
@@ -415,12 +480,27 @@ impl TaskCtx<'_> {
 pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
     let start = Instant::now();
     let b = DemoBudget::new(opts.quick).with_overrides(&opts.overrides)?;
+    let methods: Vec<(String, Option<Method>)> = b
+        .methods
+        .iter()
+        .map(|k| Ok((k.clone(), method_by_key(k)?)))
+        .collect::<Result<_>>()?;
+    let tasks = if opts.tasks.is_empty() {
+        all_tasks()
+    } else {
+        opts.tasks
+            .iter()
+            .map(|t| super::tasks::task_by_name(t))
+            .collect::<Result<Vec<_>>>()?
+    };
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
     let mut tasks_out = Map::new();
     let mut stage_seconds: BTreeMap<String, f64> = BTreeMap::new();
     let mut strength_by_rank: Map<String, Value> = Map::new();
-    for task in all_tasks() {
+    let mut references = Map::new();
+    let mut studies = Map::new();
+    for task in tasks {
         let name = task.name();
         let dir = opts.out.join(name);
         let mut clock = Instant::now();
@@ -436,6 +516,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             heldout: b.eval_prompts,
             ood: b.ood_prompts,
             train_prompts: 400,
+            format: (b.sft_examples as f64 * b.format_fraction).round() as usize,
         };
         let data = build_task_data(task.as_ref(), &sizes, opts.seed);
         let files = write_task_files(&dir, &data, seed_n)?;
@@ -465,7 +546,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
                 b.sft_steps,
             ),
             data: SftData {
-                train: files.sft.clone(),
+                train: files.base.clone(),
                 eval_fraction: 0.05,
                 ..Default::default()
             },
@@ -481,6 +562,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         let pa_cfg = JudgeTrainConfig {
             model: ModelSection {
                 path: sft_dir.clone(),
+                train: if b.pa_full {
+                    TrainMode::Full
+                } else {
+                    TrainMode::Lora
+                },
                 ..Default::default()
             },
             lora: b.lora(),
@@ -499,7 +585,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             data: JudgeTrainData {
                 preferences: files.seed_prefs.clone(),
                 sft: Some(files.sft.clone()),
-                sft_mix: 0.25,
+                sft_mix: b.pa_sft_mix,
                 eval_fraction: 0.0,
                 ..Default::default()
             },
@@ -524,10 +610,18 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         let judge = Judge::new(judge_config(), &tok)?;
         let judge_before =
             JudgeSummary::from(&judge.evaluate(&sft.model.snapshot()?, &tok, &judge_eval)?);
-        let start_section = ModelSection {
-            path: sft_dir.clone(),
-            adapter: Some(pa.output.clone()),
-            ..Default::default()
+        // πref: the augmented model (full weights, or SFT with the augmentation adapter).
+        let start_section = if b.pa_full {
+            ModelSection {
+                path: pa.output.clone(),
+                ..Default::default()
+            }
+        } else {
+            ModelSection {
+                path: sft_dir.clone(),
+                adapter: Some(pa.output.clone()),
+                ..Default::default()
+            }
         };
         let reference =
             crate::train::sft::load_policy(&start_section, &LoraConfig::default(), 0, true)?
@@ -581,20 +675,27 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         };
         lap("reference_samples", &mut clock);
 
-        // Every method starts from πref: its curve point at step 0 is the same for all.
+        // Every method starts from πref: its curve point at step 0 is the same for all, and
+        // its own evaluation shows what augmentation did to generation.
         let start = ctx.curve_point(&ctx.reference)?;
+        let r = ctx.evaluate(&ctx.reference, vec![], 0.0)?;
+        eprintln!(
+            "   πref (SFT + augmentation): win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}",
+            r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward
+        );
+        references.insert(name.to_string(), serde_json::to_value(&r)?);
         let mut results = Map::new();
-        for (key, method) in METHODS {
+        for (key, method) in &methods {
             eprintln!("== {name}: {key}");
             let t = Instant::now();
             let (policy, curve_pts) = match method {
                 None => (ctx.sft.model.clone(), vec![]),
                 Some(m) => train_method(
                     &ctx,
-                    m,
+                    &b,
+                    *m,
                     &files,
-                    &sft_dir,
-                    &pa.output,
+                    &start_section,
                     &dir.join(key),
                     start,
                     &mut strength_by_rank,
@@ -610,6 +711,11 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             lap(&format!("method_{key}"), &mut clock);
         }
         tasks_out.insert(name.to_string(), Value::Object(results));
+        let study = run_studies(&ctx, &files, &start_section, &dir, start, seed_n)?;
+        if !study.is_empty() {
+            studies.insert(name.to_string(), Value::Object(study));
+            lap("studies", &mut clock);
+        }
     }
     let summary = json!({
         "seed": opts.seed,
@@ -618,6 +724,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         "stage_seconds": stage_seconds,
         "wall_seconds": start.elapsed().as_secs_f64(),
         "strength_by_rank": strength_by_rank,
+        "reference": references,
+        "studies": studies,
         "tasks": tasks_out,
     });
     crate::io::save_json(&opts.out.join("summary.json"), &summary)?;
@@ -633,15 +741,15 @@ type CurvePoint = (usize, f64, f64);
 #[allow(clippy::too_many_arguments)]
 fn train_method(
     ctx: &TaskCtx,
+    b: &DemoBudget,
     method: Method,
     files: &TaskFiles,
-    sft_dir: &Path,
-    pa_adapter: &Path,
+    start_model: &ModelSection,
     out: &Path,
     start: (f64, f64),
     strength_by_rank: &mut Map<String, Value>,
 ) -> Result<(Llama, Vec<CurvePoint>)> {
-    let (b, seed) = (ctx.b, ctx.seed);
+    let seed = ctx.seed;
     let online = method.is_online();
     let batch = match method {
         Method::OnlineDpo => b.pairs_per_step(), // one pair per prompt
@@ -650,11 +758,7 @@ fn train_method(
     };
     let mut cfg = TrainConfig {
         method,
-        model: ModelSection {
-            path: sft_dir.to_path_buf(),
-            adapter: Some(pa_adapter.to_path_buf()),
-            ..Default::default()
-        },
+        model: start_model.clone(),
         lora: b.lora(),
         optim: OptimConfig {
             lr: b.method_lr,
@@ -672,6 +776,9 @@ fn train_method(
         ..Default::default()
     };
     cfg.loss.beta = b.beta;
+    if method == Method::Cdpo {
+        cfg.loss.label_smoothing = 0.1;
+    }
     cfg.pairing.k = b.k;
     cfg.sampling.max_new_tokens = b.max_new_tokens;
     cfg.resolve()?;
@@ -708,6 +815,109 @@ fn train_method(
         last.context("the offline run never evaluated")?
     };
     Ok((policy, curve))
+}
+
+/// The budget's studies on one task (empty when none is on):
+/// - `lr_collapse`: online DPO, OSP-hard and OSP again at `method_lr × collapse_lr_factor`,
+///   where the paper reports that hard-label online methods collapse and soft strengths do not;
+/// - `epochs`: DPO (binary labels) and offline SPCE (the seed's strengths) trained for
+///   `method_steps × m` steps on the same seed pairs, with their win-rate curves, to see whether
+///   DPO degrades with more epochs while SPCE does not.
+fn run_studies(
+    ctx: &TaskCtx,
+    files: &TaskFiles,
+    start_model: &ModelSection,
+    dir: &Path,
+    start: (f64, f64),
+    seed_pairs: usize,
+) -> Result<Map<String, Value>> {
+    let b = ctx.b;
+    let mut out = Map::new();
+    let mut scratch = Map::new(); // strength histograms of study runs are not reported
+    if b.collapse_lr_factor > 0.0 {
+        let lr = b.method_lr * b.collapse_lr_factor;
+        let hot = DemoBudget {
+            method_lr: lr,
+            ..b.clone()
+        };
+        let mut runs = Map::new();
+        runs.insert("lr".into(), json!(lr));
+        for (key, m) in [
+            ("online_dpo", Method::OnlineDpo),
+            ("osp_hard", Method::OspHard),
+            ("osp", Method::Osp),
+        ] {
+            eprintln!("== {}: study, {key} at lr {lr:e}", ctx.task.name());
+            let t = Instant::now();
+            let run_dir = dir.join(format!("study_lr_{key}"));
+            let (policy, curve) = train_method(
+                ctx,
+                &hot,
+                m,
+                files,
+                start_model,
+                &run_dir,
+                start,
+                &mut scratch,
+            )?;
+            let r = ctx.evaluate(&policy, curve, t.elapsed().as_secs_f64())?;
+            eprintln!(
+                "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
+                r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
+            );
+            runs.insert(key.into(), serde_json::to_value(&r)?);
+        }
+        out.insert("lr_collapse".into(), Value::Object(runs));
+    }
+    if !b.epoch_multipliers.is_empty() {
+        let mut runs = Map::new();
+        for (key, m) in [("dpo", Method::Dpo), ("spce_offline", Method::SpceOffline)] {
+            let mut rows = vec![];
+            for &mult in &b.epoch_multipliers {
+                let steps = b.method_steps * mult.max(1);
+                let long = DemoBudget {
+                    method_steps: steps,
+                    eval_every: (steps / 6).max(1),
+                    ..b.clone()
+                };
+                let epochs = (steps * b.pairs_per_step()) as f64 / seed_pairs.max(1) as f64;
+                eprintln!(
+                    "== {}: study, {key} for {steps} steps ({epochs:.1} epochs)",
+                    ctx.task.name()
+                );
+                let run_dir = dir.join(format!("study_epochs_{key}_x{mult}"));
+                let (policy, curve) = train_method(
+                    ctx,
+                    &long,
+                    m,
+                    files,
+                    start_model,
+                    &run_dir,
+                    start,
+                    &mut scratch,
+                )?;
+                let r = ctx.evaluate(&policy, curve, 0.0)?;
+                eprintln!(
+                    "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
+                    r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
+                );
+                rows.push(json!({
+                    "multiplier": mult,
+                    "steps": steps,
+                    "epochs": epochs,
+                    "win_rate_vs_sft": r.win_rate_vs_sft,
+                    "win_rate_vs_sft_se": r.win_rate_vs_sft_se,
+                    "oracle_reward": r.oracle_reward,
+                    "kl": r.kl,
+                    "win_rate_curve": r.win_rate_curve,
+                }));
+            }
+            runs.insert(key.into(), json!(rows));
+        }
+        runs.insert("seed_pairs".into(), json!(seed_pairs));
+        out.insert("epochs".into(), Value::Object(runs));
+    }
+    Ok(out)
 }
 
 /// Sum over the run of the judged-strength histogram per ranked-pair position.

@@ -54,7 +54,10 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
          - **length**: mean response length in tokens.\n\
          - **OOD win**: win vs SFT on out-of-domain prompts.\n\
          - **judge acc / ECE / ρ**: the model judging pairs of its own samples against the oracle: accuracy, \
-         expected calibration error, Spearman of judged strength vs the oracle's.\n"
+         expected calibration error, Spearman of judged strength vs the oracle's.\n\
+         - **πref (start)**: the model every method starts from (SFT, then preference augmentation, which \
+         also continues SFT on a quarter of each batch); a method's gain over this row is what its own \
+         training bought.\n"
     )?;
     let tasks = summary["tasks"].as_object().cloned().unwrap_or_default();
     for (task, methods) in &tasks {
@@ -84,6 +87,13 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
                     .filter(|(k, _)| !super::pipeline::METHODS.iter().any(|(m, _)| m == k)),
             )
             .collect();
+        let reference = summary["reference"]
+            .get(task)
+            .map(|r| ("πref (start)".to_string(), r));
+        let order = reference
+            .iter()
+            .map(|(k, r)| (k, *r))
+            .chain(order.into_iter());
         for (m, r) in order {
             let j = &r["judge_on_own_samples"];
             rows.push(vec![
@@ -176,6 +186,85 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
             )?;
             writeln!(md, "![strengths]({png})\n\nPair 1 is best-vs-worst; ranked pairing should give it the strongest preferences.\n")?;
         }
+        if let Some(study) = summary["studies"].get(task) {
+            write_studies(out, task, study, &mut md)?;
+        }
     }
     crate::io::atomic_write(&out.join("report.md"), md.as_bytes())
+}
+
+/// The learning-rate collapse and epoch studies of one task (see `pipeline::run_studies`).
+fn write_studies(out: &Path, task: &str, study: &Value, md: &mut String) -> Result<()> {
+    if let Some(lr) = study.get("lr_collapse") {
+        writeln!(
+            md,
+            "### Study: learning rate {} (online methods)\n",
+            f3(num(lr, "lr"))
+        )?;
+        let rows: Vec<Vec<String>> = ["online_dpo", "osp_hard", "osp"]
+            .iter()
+            .filter_map(|k| Some((k, lr.get(*k)?)))
+            .map(|(k, r)| {
+                vec![
+                    k.to_string(),
+                    fmt_mean_err(num(r, "win_rate_vs_sft"), num(r, "win_rate_vs_sft_se")),
+                    f3(num(r, "oracle_reward")),
+                    f3(num(r, "kl")),
+                    f3(num(r, "mean_length")),
+                ]
+            })
+            .collect();
+        md.push_str(&markdown_table(
+            &["method", "win vs SFT", "reward", "KL", "length"],
+            &rows,
+        ));
+        md.push('\n');
+    }
+    if let Some(ep) = study.get("epochs") {
+        writeln!(
+            md,
+            "### Study: epochs on the {} seed pairs (DPO vs offline SPCE)\n",
+            ep["seed_pairs"]
+        )?;
+        let mut rows = vec![];
+        let mut series = vec![];
+        for key in ["dpo", "spce_offline"] {
+            let runs = ep[key].as_array().cloned().unwrap_or_default();
+            for r in &runs {
+                rows.push(vec![
+                    key.to_string(),
+                    f3(num(r, "epochs")),
+                    fmt_mean_err(num(r, "win_rate_vs_sft"), num(r, "win_rate_vs_sft_se")),
+                    f3(num(r, "oracle_reward")),
+                    f3(num(r, "kl")),
+                ]);
+            }
+            // The longest run's curve, against epochs.
+            if let Some(r) = runs.last() {
+                let per_step = num(r, "epochs") / num(r, "steps");
+                series.push(Series {
+                    name: key.to_string(),
+                    points: curve(r, "win_rate_curve")
+                        .into_iter()
+                        .map(|(s, w)| (s * per_step, w))
+                        .collect(),
+                });
+            }
+        }
+        md.push_str(&markdown_table(
+            &["method", "epochs", "win vs SFT", "reward", "KL"],
+            &rows,
+        ));
+        let png = format!("{task}_epochs.png");
+        line_plot(
+            &out.join(&png),
+            &format!("{task}: win rate vs SFT over epochs on the seed"),
+            "epochs",
+            "win rate",
+            &series,
+            Some(0.5),
+        )?;
+        writeln!(md, "\n![epochs]({png})\n")?;
+    }
+    Ok(())
 }
