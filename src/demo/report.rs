@@ -90,10 +90,7 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
         let reference = summary["reference"]
             .get(task)
             .map(|r| ("πref (start)".to_string(), r));
-        let order = reference
-            .iter()
-            .map(|(k, r)| (k, *r))
-            .chain(order.into_iter());
+        let order = reference.iter().map(|(k, r)| (k, *r)).chain(order);
         for (m, r) in order {
             let j = &r["judge_on_own_samples"];
             rows.push(vec![
