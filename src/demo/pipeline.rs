@@ -349,6 +349,9 @@ pub struct MethodResult {
 struct TaskCtx<'a> {
     task: &'a dyn Task,
     b: &'a DemoBudget,
+    files: &'a TaskFiles,
+    /// πref, where every method starts.
+    start_model: ModelSection,
     tok: crate::tokenizer::Tokenizer,
     sft: LoadedModel,
     reference: Llama,
@@ -650,6 +653,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         let ctx = TaskCtx {
             task: task.as_ref(),
             b: &b,
+            files: &files,
+            start_model: start_section,
             sft_heldout: texts(&heldout.sample(
                 &sft_snap,
                 &tok,
@@ -690,28 +695,18 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             let t = Instant::now();
             let (policy, curve_pts) = match method {
                 None => (ctx.sft.model.clone(), vec![]),
-                Some(m) => train_method(
-                    &ctx,
-                    &b,
-                    *m,
-                    &files,
-                    &start_section,
-                    &dir.join(key),
-                    start,
-                    &mut strength_by_rank,
-                )?,
+                Some(m) => {
+                    train_method(&ctx, &b, *m, &dir.join(key), start, &mut strength_by_rank)?
+                }
             };
             let secs = t.elapsed().as_secs_f64();
             let r = ctx.evaluate(&policy, curve_pts, secs)?;
-            eprintln!(
-                "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
-                r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
-            );
+            log_result(&r);
             results.insert(key.to_string(), serde_json::to_value(&r)?);
             lap(&format!("method_{key}"), &mut clock);
         }
         tasks_out.insert(name.to_string(), Value::Object(results));
-        let study = run_studies(&ctx, &files, &start_section, &dir, start, seed_n)?;
+        let study = run_studies(&ctx, &dir, start, seed_n)?;
         if !study.is_empty() {
             studies.insert(name.to_string(), Value::Object(study));
             lap("studies", &mut clock);
@@ -738,13 +733,10 @@ type CurvePoint = (usize, f64, f64);
 
 /// Trains one method from πref (SFT + augmentation, merged) with fresh LoRA adapters;
 /// returns the trained policy and its (step, win rate, length) curve.
-#[allow(clippy::too_many_arguments)]
 fn train_method(
     ctx: &TaskCtx,
     b: &DemoBudget,
     method: Method,
-    files: &TaskFiles,
-    start_model: &ModelSection,
     out: &Path,
     start: (f64, f64),
     strength_by_rank: &mut Map<String, Value>,
@@ -758,7 +750,7 @@ fn train_method(
     };
     let mut cfg = TrainConfig {
         method,
-        model: start_model.clone(),
+        model: ctx.start_model.clone(),
         lora: b.lora(),
         optim: OptimConfig {
             lr: b.method_lr,
@@ -768,8 +760,8 @@ fn train_method(
         train: train_section(out, b.method_steps, batch, seed, b.eval_every),
         judge: judge_config(),
         data: PrefData {
-            prompts: online.then(|| files.prompts.clone()),
-            preferences: (!online).then(|| files.seed_prefs.clone()),
+            prompts: online.then(|| ctx.files.prompts.clone()),
+            preferences: (!online).then(|| ctx.files.seed_prefs.clone()),
             eval_fraction: 0.0,
             ..Default::default()
         },
@@ -825,15 +817,12 @@ fn train_method(
 ///   DPO degrades with more epochs while SPCE does not.
 fn run_studies(
     ctx: &TaskCtx,
-    files: &TaskFiles,
-    start_model: &ModelSection,
     dir: &Path,
     start: (f64, f64),
     seed_pairs: usize,
 ) -> Result<Map<String, Value>> {
     let b = ctx.b;
     let mut out = Map::new();
-    let mut scratch = Map::new(); // strength histograms of study runs are not reported
     if b.collapse_lr_factor > 0.0 {
         let lr = b.method_lr * b.collapse_lr_factor;
         let hot = DemoBudget {
@@ -848,23 +837,8 @@ fn run_studies(
             ("osp", Method::Osp),
         ] {
             eprintln!("== {}: study, {key} at lr {lr:e}", ctx.task.name());
-            let t = Instant::now();
             let run_dir = dir.join(format!("study_lr_{key}"));
-            let (policy, curve) = train_method(
-                ctx,
-                &hot,
-                m,
-                files,
-                start_model,
-                &run_dir,
-                start,
-                &mut scratch,
-            )?;
-            let r = ctx.evaluate(&policy, curve, t.elapsed().as_secs_f64())?;
-            eprintln!(
-                "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
-                r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
-            );
+            let r = study_run(ctx, &hot, m, &run_dir, start)?;
             runs.insert(key.into(), serde_json::to_value(&r)?);
         }
         out.insert("lr_collapse".into(), Value::Object(runs));
@@ -886,21 +860,7 @@ fn run_studies(
                     ctx.task.name()
                 );
                 let run_dir = dir.join(format!("study_epochs_{key}_x{mult}"));
-                let (policy, curve) = train_method(
-                    ctx,
-                    &long,
-                    m,
-                    files,
-                    start_model,
-                    &run_dir,
-                    start,
-                    &mut scratch,
-                )?;
-                let r = ctx.evaluate(&policy, curve, 0.0)?;
-                eprintln!(
-                    "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
-                    r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
-                );
+                let r = study_run(ctx, &long, m, &run_dir, start)?;
                 rows.push(json!({
                     "multiplier": mult,
                     "steps": steps,
@@ -918,6 +878,29 @@ fn run_studies(
         out.insert("epochs".into(), Value::Object(runs));
     }
     Ok(out)
+}
+
+/// One study run: train `method` from πref under budget `b`, then evaluate it.
+fn study_run(
+    ctx: &TaskCtx,
+    b: &DemoBudget,
+    method: Method,
+    out: &Path,
+    start: (f64, f64),
+) -> Result<MethodResult> {
+    let t = Instant::now();
+    let mut scratch = Map::new(); // strength histograms of study runs are not reported
+    let (policy, curve) = train_method(ctx, b, method, out, start, &mut scratch)?;
+    let r = ctx.evaluate(&policy, curve, t.elapsed().as_secs_f64())?;
+    log_result(&r);
+    Ok(r)
+}
+
+fn log_result(r: &MethodResult) {
+    eprintln!(
+        "   win rate vs SFT {:.3} ± {:.3}, oracle reward {:.3}, KL {:.2}",
+        r.win_rate_vs_sft, r.win_rate_vs_sft_se, r.oracle_reward, r.kl
+    );
 }
 
 /// Sum over the run of the judged-strength histogram per ranked-pair position.
