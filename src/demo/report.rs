@@ -195,8 +195,10 @@ fn write_studies(out: &Path, task: &str, study: &Value, md: &mut String) -> Resu
     if let Some(lr) = study.get("lr_collapse") {
         writeln!(
             md,
-            "### Study: learning rate {} (online methods)\n",
-            f3(num(lr, "lr"))
+            "### Study: the online methods at learning rate {:.1e}\n\n\
+             The paper reports that hard-label online methods collapse at learning rates where OSP's \
+             soft strengths stay stable; compare with the main table's rows at the default rate.\n",
+            num(lr, "lr")
         )?;
         let rows: Vec<Vec<String>> = ["online_dpo", "osp_hard", "osp"]
             .iter()
@@ -220,7 +222,9 @@ fn write_studies(out: &Path, task: &str, study: &Value, md: &mut String) -> Resu
     if let Some(ep) = study.get("epochs") {
         writeln!(
             md,
-            "### Study: epochs on the {} seed pairs (DPO vs offline SPCE)\n",
+            "### Study: epochs on the {} seed pairs (DPO vs offline SPCE)\n\n\
+             The paper reports that DPO degrades with more epochs on a small preference set while \
+             SPCE with strengths does not. The plot shows the longest run of each.\n",
             ep["seed_pairs"]
         )?;
         let mut rows = vec![];
