@@ -80,6 +80,9 @@ pub struct DemoBudget {
     pub ood_prompts: usize,
     pub curve_prompts: usize,
     pub eval_every: usize,
+    /// Judge of the online methods: "self" (the current policy, the paper's default) or
+    /// "initial" (πref, frozen).
+    pub judge_model: crate::judge::JudgeModel,
     /// Methods to run, by summary key (any of [`ALL_METHODS`]); default the seven of the issue.
     pub methods: Vec<String>,
     /// Study (0 = off): the hard-label online methods and OSP again at `method_lr` × this.
@@ -118,6 +121,7 @@ impl DemoBudget {
                 ood_prompts: 32,
                 curve_prompts: 24,
                 eval_every: 5,
+                judge_model: crate::judge::JudgeModel::Current,
                 methods: default_methods(),
                 collapse_lr_factor: 0.0,
                 epoch_multipliers: vec![],
@@ -150,6 +154,7 @@ impl DemoBudget {
                 ood_prompts: 100,
                 curve_prompts: 48,
                 eval_every: 10,
+                judge_model: crate::judge::JudgeModel::Current,
                 methods: default_methods(),
                 collapse_lr_factor: 0.0,
                 epoch_multipliers: vec![],
@@ -758,7 +763,10 @@ fn train_method(
             ..Default::default()
         },
         train: train_section(out, b.method_steps, batch, seed, b.eval_every),
-        judge: judge_config(),
+        judge: JudgeConfig {
+            model: b.judge_model,
+            ..judge_config()
+        },
         data: PrefData {
             prompts: online.then(|| ctx.files.prompts.clone()),
             preferences: (!online).then(|| ctx.files.seed_prefs.clone()),
