@@ -88,6 +88,14 @@ pub struct Judge {
     bos: Option<u32>,
 }
 
+/// A judge template with `{prompt}`, `{a}` and `{b}` filled in.
+pub fn render_template(template: &str, prompt: &str, a: &str, b: &str) -> String {
+    // Fill {a}/{b} outside the prompt only, so that braces inside the task prompt are left alone.
+    let (pre, post) = template.split_once("{prompt}").unwrap_or((template, ""));
+    let fill = |s: &str| s.replace("{a}", a).replace("{b}", b);
+    format!("{}{prompt}{}", fill(pre), fill(post))
+}
+
 impl Judge {
     pub fn new(cfg: JudgeConfig, tok: &Tokenizer) -> Result<Self> {
         for key in ["{prompt}", "{a}", "{b}"] {
@@ -127,14 +135,7 @@ impl Judge {
 
     /// The judge prompt's text for (x, a, b).
     pub fn render(&self, prompt: &str, a: &str, b: &str) -> String {
-        // Fill {a}/{b} last so that braces inside the task prompt are left alone.
-        let (pre, post) = self
-            .cfg
-            .template
-            .split_once("{prompt}")
-            .unwrap_or((&self.cfg.template, ""));
-        let fill = |s: &str| s.replace("{a}", a).replace("{b}", b);
-        format!("{}{prompt}{}", fill(pre), fill(post))
+        render_template(&self.cfg.template, prompt, a, b)
     }
 
     /// Token ids of the judge prompt, cut from the left to `limit` tokens.

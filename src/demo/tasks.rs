@@ -931,10 +931,7 @@ pub fn format_examples(
             let prompt = draw_prompt(task, rng, reserved)?;
             let a = task.demonstration(&prompt, rng, P_IDEAL);
             let b = task.demonstration(&prompt, rng, P_IDEAL);
-            let text = JUDGE_TEMPLATE
-                .replace("{prompt}", &prompt)
-                .replace("{a}", &a)
-                .replace("{b}", &b);
+            let text = crate::judge::render_template(JUDGE_TEMPLATE, &prompt, &a, &b);
             let answer = if rng.random_bool(0.5) {
                 JUDGE_ANSWER_A
             } else {
