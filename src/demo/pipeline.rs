@@ -93,72 +93,60 @@ pub struct DemoBudget {
 
 impl DemoBudget {
     pub fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                hidden_size: 64,
-                layers: 2,
-                heads: 4,
-                sft_examples: 1500,
-                sft_steps: 250,
-                sft_batch: 32,
-                sft_lr: 3e-3,
-                format_fraction: 0.1,
-                human_pairs: 10_000,
-                seed_fraction: 0.02,
-                pa_steps: 300,
-                pa_batch: 32,
-                pa_lr: 3e-3,
-                pa_full: true,
-                pa_sft_mix: 0.25,
-                method_steps: 16,
-                prompts_per_step: 4,
-                k: 5,
-                method_lr: 1e-3,
-                beta: 0.1,
-                lora_r: 8,
-                max_new_tokens: 10,
-                eval_prompts: 64,
-                ood_prompts: 32,
-                curve_prompts: 24,
-                eval_every: 5,
-                judge_model: crate::judge::JudgeModel::Current,
-                methods: default_methods(),
-                collapse_lr_factor: 0.0,
-                epoch_multipliers: vec![],
-            }
-        } else {
-            Self {
-                hidden_size: 96,
-                layers: 3,
-                heads: 4,
-                sft_examples: 4000,
-                sft_steps: 800,
-                sft_batch: 32,
-                sft_lr: 3e-3,
-                format_fraction: 0.1,
-                human_pairs: 50_000,
-                seed_fraction: 0.02,
-                pa_steps: 600,
-                pa_batch: 32,
-                pa_lr: 3e-3,
-                pa_full: true,
-                pa_sft_mix: 0.25,
-                method_steps: 60,
-                prompts_per_step: 8,
-                k: 7,
-                method_lr: 3e-4,
-                beta: 0.1,
-                lora_r: 16,
-                max_new_tokens: 12,
-                eval_prompts: 200,
-                ood_prompts: 100,
-                curve_prompts: 48,
-                eval_every: 10,
-                judge_model: crate::judge::JudgeModel::Current,
-                methods: default_methods(),
-                collapse_lr_factor: 0.0,
-                epoch_multipliers: vec![],
-            }
+        let default = Self {
+            hidden_size: 96,
+            layers: 3,
+            heads: 4,
+            sft_examples: 4000,
+            sft_steps: 800,
+            sft_batch: 32,
+            sft_lr: 3e-3,
+            format_fraction: 0.1,
+            human_pairs: 50_000,
+            seed_fraction: 0.02,
+            pa_steps: 600,
+            pa_batch: 32,
+            pa_lr: 3e-3,
+            pa_full: true,
+            pa_sft_mix: 0.25,
+            method_steps: 60,
+            prompts_per_step: 8,
+            k: 7,
+            method_lr: 3e-4,
+            beta: 0.1,
+            lora_r: 16,
+            max_new_tokens: 12,
+            eval_prompts: 200,
+            ood_prompts: 100,
+            curve_prompts: 48,
+            eval_every: 10,
+            judge_model: crate::judge::JudgeModel::Current,
+            methods: default_methods(),
+            collapse_lr_factor: 0.0,
+            epoch_multipliers: vec![],
+        };
+        if !quick {
+            return default;
+        }
+        // Smaller everywhere it costs time; rates and shares as in the default.
+        Self {
+            hidden_size: 64,
+            layers: 2,
+            sft_examples: 1500,
+            sft_steps: 250,
+            human_pairs: 10_000,
+            pa_steps: 300,
+            method_steps: 16,
+            prompts_per_step: 4,
+            k: 5,
+            method_lr: 1e-3,
+            lora_r: 8,
+            max_new_tokens: 10,
+            eval_prompts: 64,
+            ood_prompts: 32,
+            curve_prompts: 24,
+            eval_every: 5,
+            ..default
         }
     }
 
@@ -710,8 +698,8 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             results.insert(key.to_string(), serde_json::to_value(&r)?);
             lap(&format!("method_{key}"), &mut clock);
         }
+        let study = run_studies(&ctx, &results, &dir, start, seed_n)?;
         tasks_out.insert(name.to_string(), Value::Object(results));
-        let study = run_studies(&ctx, &dir, start, seed_n)?;
         if !study.is_empty() {
             studies.insert(name.to_string(), Value::Object(study));
             lap("studies", &mut clock);
@@ -822,9 +810,11 @@ fn train_method(
 ///   where the paper reports that hard-label online methods collapse and soft strengths do not;
 /// - `epochs`: DPO (binary labels) and offline SPCE (the seed's strengths) trained for
 ///   `method_steps × m` steps on the same seed pairs, with their win-rate curves, to see whether
-///   DPO degrades with more epochs while SPCE does not.
+///   DPO degrades with more epochs while SPCE does not. `compared` holds the main comparison's
+///   results, which stand in for the 1× runs of methods it ran.
 fn run_studies(
     ctx: &TaskCtx,
+    compared: &Map<String, Value>,
     dir: &Path,
     start: (f64, f64),
     seed_pairs: usize,
@@ -867,18 +857,29 @@ fn run_studies(
                     "== {}: study, {key} for {steps} steps ({epochs:.1} epochs)",
                     ctx.task.name()
                 );
-                let run_dir = dir.join(format!("study_epochs_{key}_x{mult}"));
-                let r = study_run(ctx, &long, m, &run_dir, start)?;
-                rows.push(json!({
-                    "multiplier": mult,
-                    "steps": steps,
-                    "epochs": epochs,
-                    "win_rate_vs_sft": r.win_rate_vs_sft,
-                    "win_rate_vs_sft_se": r.win_rate_vs_sft_se,
-                    "oracle_reward": r.oracle_reward,
-                    "kl": r.kl,
-                    "win_rate_curve": r.win_rate_curve,
-                }));
+                // At 1× the main comparison already trained exactly this run (evaluation
+                // does not touch training's random streams): reuse it.
+                let r = match compared.get(key) {
+                    Some(done) if steps == b.method_steps => {
+                        eprintln!("   the same run as the main comparison's {key}");
+                        done.clone()
+                    }
+                    _ => {
+                        let run_dir = dir.join(format!("study_epochs_{key}_x{mult}"));
+                        serde_json::to_value(study_run(ctx, &long, m, &run_dir, start)?)?
+                    }
+                };
+                let mut row = json!({"multiplier": mult, "steps": steps, "epochs": epochs});
+                for k in [
+                    "win_rate_vs_sft",
+                    "win_rate_vs_sft_se",
+                    "oracle_reward",
+                    "kl",
+                    "win_rate_curve",
+                ] {
+                    row[k] = r[k].clone();
+                }
+                rows.push(row);
             }
             runs.insert(key.into(), json!(rows));
         }
