@@ -317,6 +317,23 @@ impl Diagnostics {
         }
     }
 
+    /// The record on `line`: [`reached`](Self::reached), then `parse` it; a parse error is
+    /// [`malformed`](Self::malformed) and gives `None` (skip the record).
+    pub fn record<T, E: fmt::Display>(
+        &mut self,
+        line: usize,
+        parse: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> Result<Option<T>> {
+        self.reached(line)?;
+        match parse() {
+            Ok(v) => Ok(Some(v)),
+            Err(reason) => {
+                self.malformed(line, reason)?;
+                Ok(None)
+            }
+        }
+    }
+
     /// The warnings, or the held-back read error that no record came after.
     pub fn finish(mut self) -> Result<Vec<String>> {
         match self.pending.take() {

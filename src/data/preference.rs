@@ -114,25 +114,25 @@ pub fn load_prompts(
     let (records, mut diag) = open(path, on_malformed)?;
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
-        diag.reached(rec.line)?;
-        let prompt = as_object(&rec.value)
-            .and_then(|obj| field(obj, "prompt"))
-            .and_then(|p| match p {
-                Value::String(s) => Ok(s.clone()),
-                Value::Array(_) => render
-                    .prompt(&messages(p, "prompt")?)
-                    .map_err(|e| format!("{e:#}")),
-                other => Err(format!(
-                    "field `prompt` must be a string or a list of messages, found {}",
-                    type_name(other)
-                )),
-            });
-        match prompt {
-            Ok(prompt) => out.push(PromptRecord {
+        let prompt = diag.record(rec.line, || {
+            as_object(&rec.value)
+                .and_then(|obj| field(obj, "prompt"))
+                .and_then(|p| match p {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Array(_) => render
+                        .prompt(&messages(p, "prompt")?)
+                        .map_err(|e| format!("{e:#}")),
+                    other => Err(format!(
+                        "field `prompt` must be a string or a list of messages, found {}",
+                        type_name(other)
+                    )),
+                })
+        })?;
+        if let Some(prompt) = prompt {
+            out.push(PromptRecord {
                 prompt,
                 source: diag.source(rec.line),
-            }),
-            Err(reason) => diag.malformed(rec.line, reason)?,
+            });
         }
     }
     Ok((out, diag.finish()?))
@@ -152,16 +152,17 @@ pub fn load_preferences(
     let (records, mut diag) = open(path, on_malformed)?;
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
-        diag.reached(rec.line)?;
-        match as_object(&rec.value).and_then(|obj| trl_pair(obj, render)) {
-            Ok((prompt, chosen, rejected, strength)) => out.push(PreferencePair {
+        let pair = diag.record(rec.line, || {
+            as_object(&rec.value).and_then(|obj| trl_pair(obj, render))
+        })?;
+        if let Some((prompt, chosen, rejected, strength)) = pair {
+            out.push(PreferencePair {
                 prompt,
                 chosen,
                 rejected,
                 strength,
                 source: diag.source(rec.line),
-            }),
-            Err(reason) => diag.malformed(rec.line, reason)?,
+            });
         }
     }
     Ok((out, diag.finish()?))
@@ -239,16 +240,15 @@ pub fn load_hh(
     let (records, mut diag) = open(path, on_malformed)?;
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
-        diag.reached(rec.line)?;
-        match as_object(&rec.value).and_then(hh_pair) {
-            Ok((prompt, chosen, rejected)) => out.push(PreferencePair {
+        let pair = diag.record(rec.line, || as_object(&rec.value).and_then(hh_pair))?;
+        if let Some((prompt, chosen, rejected)) = pair {
+            out.push(PreferencePair {
                 prompt,
                 chosen,
                 rejected,
                 strength: None,
                 source: diag.source(rec.line),
-            }),
-            Err(reason) => diag.malformed(rec.line, reason)?,
+            });
         }
     }
     Ok((out, diag.finish()?))
@@ -322,13 +322,8 @@ pub fn load_tldr(
     let mut stats = TldrStats::default();
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
-        diag.reached(rec.line)?;
-        let row = match as_object(&rec.value).and_then(tldr_row) {
-            Ok(row) => row,
-            Err(reason) => {
-                diag.malformed(rec.line, reason)?;
-                continue;
-            }
+        let Some(row) = diag.record(rec.line, || as_object(&rec.value).and_then(tldr_row))? else {
+            continue;
         };
         stats.rows += 1;
         let mut strength = None;
@@ -472,13 +467,9 @@ pub fn load_pandalm(
     let mut agreement_sum = 0.0;
     let mut out = Vec::new();
     for rec in &records {
-        diag.reached(rec.line)?;
-        let row = match as_object(&rec.value).and_then(pandalm_row) {
-            Ok(row) => row,
-            Err(reason) => {
-                diag.malformed(rec.line, reason)?;
-                continue;
-            }
+        let Some(row) = diag.record(rec.line, || as_object(&rec.value).and_then(pandalm_row))?
+        else {
+            continue;
         };
         stats.rows += 1;
         if row.boolean_responses > 0 {
