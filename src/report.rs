@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -416,26 +417,9 @@ fn draw_line_plot(
         entries.push((format!("y = {y}"), Mark::Dashed(REFERENCE_COLOR)));
     }
 
-    let x_ticks = |v: &f64| tick_label(*v, x_range);
-    let y_ticks = |v: &f64| tick_label(*v, y_range);
     let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
     let plot = layout(&root, title, &entries)?;
-    let mut chart = ChartBuilder::on(&plot)
-        .margin(12)
-        .x_label_area_size(48)
-        .y_label_area_size(y_label_area(&plot, y_range)?)
-        .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .axis_desc_style((FONT, 16))
-        .label_style((FONT, 14))
-        .x_label_formatter(&x_ticks)
-        .y_label_formatter(&y_ticks)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(RGBColor(225, 225, 225))
-        .draw()?;
+    let mut chart = axes(&plot, (x_label, y_label), x_range, y_range, None)?;
 
     if let Some(y) = reference_y {
         chart.draw_series(DashedLineSeries::new(
@@ -463,6 +447,42 @@ fn draw_line_plot(
     Ok(())
 }
 
+/// The chart both plots draw on: axes with their labels, tick labels and a light grid, inside
+/// the area `layout` left under the title and legend. `y_labels`: how many y ticks (default:
+/// plotters' own).
+fn axes<'a, 'b>(
+    plot: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    (x_label, y_label): (&str, &str),
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    y_labels: Option<usize>,
+) -> std::result::Result<
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    Box<dyn Error>,
+> {
+    let mut chart = ChartBuilder::on(plot)
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(y_label_area(plot, y_range)?)
+        .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
+    let x_ticks = |v: &f64| tick_label(*v, x_range);
+    let y_ticks = |v: &f64| tick_label(*v, y_range);
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
+        .y_desc(y_label)
+        .axis_desc_style((FONT, 16))
+        .label_style((FONT, 14))
+        .x_label_formatter(&x_ticks)
+        .y_label_formatter(&y_ticks)
+        .light_line_style(TRANSPARENT)
+        .bold_line_style(RGBColor(225, 225, 225));
+    if let Some(n) = y_labels {
+        mesh.y_labels(n);
+    }
+    mesh.draw()?;
+    Ok(chart)
+}
+
 fn draw_histogram(
     path: &Path,
     title: &str,
@@ -488,28 +508,11 @@ fn draw_histogram(
         .map(|(i, (name, _))| (name.clone(), Mark::Box(color(i))))
         .collect();
 
-    let x_ticks = |v: &f64| tick_label(*v, x_range);
-    let y_ticks = |v: &f64| tick_label(*v, y_range);
     let root = BitMapBackend::new(path, PLOT_SIZE).into_drawing_area();
     let plot = layout(&root, title, &entries)?;
-    let mut chart = ChartBuilder::on(&plot)
-        .margin(12)
-        .x_label_area_size(48)
-        .y_label_area_size(y_label_area(&plot, y_range)?)
-        .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc("count")
-        // Integer steps for small counts.
-        .y_labels(y_hi.floor().clamp(1.0, 9.0) as usize + 1)
-        .axis_desc_style((FONT, 16))
-        .label_style((FONT, 14))
-        .x_label_formatter(&x_ticks)
-        .y_label_formatter(&y_ticks)
-        .light_line_style(TRANSPARENT)
-        .bold_line_style(RGBColor(225, 225, 225))
-        .draw()?;
+    // Integer steps for small counts.
+    let y_labels = y_hi.floor().clamp(1.0, 9.0) as usize + 1;
+    let mut chart = axes(&plot, (x_label, "count"), x_range, y_range, Some(y_labels))?;
 
     let k = groups.len() as f64;
     for (g, (_, counts)) in groups.iter().enumerate() {
