@@ -8,6 +8,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod pairing;
+pub mod ppo;
 pub mod report;
 pub mod sample;
 pub mod tokenizer;
