@@ -10,6 +10,7 @@ pub mod model;
 pub mod pairing;
 pub mod ppo;
 pub mod report;
+pub mod reward;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;
