@@ -12,6 +12,7 @@ pub mod ppo;
 pub mod report;
 pub mod reward;
 pub mod sample;
+pub mod self_reward;
 pub mod tokenizer;
 pub mod train;
 
