@@ -36,6 +36,7 @@
 //! One deliberate difference: TRL's `objective/entropy` sums −log π over the padding slots
 //! too, where its log-probs hold the placeholder 1.0, so the figure depends on the padding
 //! width; osp sums over response tokens only. The fixture records both.
+use crate::model::Llama;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::SeedableRng;
@@ -833,4 +834,91 @@ impl ValueHead {
             (Self::BIAS.into(), self.bias.detach()),
         ]
     }
+}
+
+/// What one forward pass of the policy gives PPO, response-aligned at a rollout's width.
+pub struct PolicyOutputs {
+    /// log π of each response token at the sampling temperature, [b, width] (0 on padding).
+    pub logprobs: Tensor,
+    /// The value head's output at the position predicting each response token, [b, width]
+    /// (0 on padding); None without a head.
+    pub values: Option<Tensor>,
+    /// Mean entropy of the temperature-scaled next-token distribution over response tokens
+    /// (`policy/entropy_avg`; TRL averages over padding positions too).
+    pub entropy_mean: f64,
+}
+
+/// Runs `model` on prompt ++ response and returns, for response token t of row i (t < width),
+/// its log-probability at `temperature` and the value head's output, read at position
+/// `prompt_i + t − 1`, the one whose logits predict it. Differentiable through the model and
+/// the head; use a snapshot (and no head) for πref and for the rollout's old log-probs.
+pub fn policy_forward(
+    model: &Llama,
+    head: Option<&ValueHead>,
+    prompts: &[&[u32]],
+    responses: &[&[u32]],
+    width: usize,
+    temperature: f64,
+) -> Result<PolicyOutputs> {
+    let b = prompts.len();
+    ensure!(b > 0, "no sequences");
+    ensure!(
+        responses.len() == b,
+        "{b} prompts but {} responses",
+        responses.len()
+    );
+    let mut seqs = Vec::with_capacity(b);
+    for (i, (p, r)) in prompts.iter().zip(responses).enumerate() {
+        ensure!(
+            !p.is_empty(),
+            "row {i}: empty prompt (it needs at least BOS)"
+        );
+        ensure!(
+            !r.is_empty() && r.len() <= width,
+            "row {i}: response of {} tokens for a width of {width}",
+            r.len()
+        );
+        seqs.push([*p, *r].concat());
+    }
+    let device = model.device();
+    let batch = crate::model::TokenBatch::right_padded(&seqs, device)?;
+    let h = model.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+    let (_, len, d) = h.dims3()?;
+    let mut rows = Vec::with_capacity(b * width);
+    let mut tokens = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width);
+    for i in 0..b {
+        let (p, r) = (prompts[i].len(), responses[i]);
+        for t in 0..width {
+            let real = t < r.len();
+            // Padding columns read the last real position: finite, and masked below.
+            let pos = p - 1 + t.min(r.len() - 1);
+            rows.push((i * len + pos) as u32);
+            tokens.push(if real { r[t] } else { 0 });
+            mask.push(if real { 1f32 } else { 0.0 });
+        }
+    }
+    let idx = Tensor::from_vec(rows, b * width, device)?;
+    let hs = h.reshape((b * len, d))?.index_select(&idx, 0)?;
+    let logits = model.logits(&hs)?.reshape((b, width, ()))?;
+    let tokens = Tensor::from_vec(tokens, (b, width), device)?;
+    let mask = Tensor::from_vec(mask, (b, width), device)?;
+    let logprobs = (response_logps(&logits, &tokens, temperature)? * &mask)?;
+    let entropy = entropy_from_logits(&(&logits / (temperature + 1e-7))?)?;
+    let n_real: usize = responses.iter().map(|r| r.len()).sum();
+    let entropy_mean = scalar(&(entropy * &mask)?.sum_all()?)? / n_real as f64;
+    let values = match head {
+        Some(hd) => Some((hd.forward(&hs.reshape((b, width, d))?)? * &mask)?),
+        None => None,
+    };
+    Ok(PolicyOutputs {
+        logprobs,
+        values,
+        entropy_mean,
+    })
+}
+
+/// A [b, width] tensor as rows (what [`Rollout`] takes).
+pub fn to_rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }

@@ -2,6 +2,7 @@
 //! scripts/make_ppo_fixture.py): rollout post-processing, the clipped losses and their
 //! gradients, the logged statistics, temperature-scaled log-probs and entropy; plus the value
 //! head and input validation.
+mod common;
 use candle_core::{Device, Tensor, Var};
 use osp::ppo::{
     early_stop, entropy_from_logits, ppo_loss, process_rollout, response_logps, KlEstimator,
@@ -556,4 +557,120 @@ fn value_head_is_a_linear_map_with_gradients() {
     assert!(head
         .forward(&Tensor::zeros((1, 1, 5), candle_core::DType::F32, &dev).unwrap())
         .is_err());
+}
+
+#[test]
+fn policy_forward_reads_each_response_token_where_it_is_predicted() {
+    use osp::model::Trainable;
+    use osp::ppo::{policy_forward, to_rows};
+    let lora = osp::lora::LoraConfig {
+        r: 4,
+        ..Default::default()
+    };
+    let model = common::tiny_model(
+        "llama",
+        false,
+        Trainable::Lora {
+            config: lora,
+            seed: 5,
+        },
+        9,
+    );
+    // Non-zero B, as after some training.
+    for (name, var) in model.vars() {
+        if name.contains("lora_B") {
+            var.set(&(Tensor::randn(0f32, 0.3, var.dims(), &Device::Cpu).unwrap()))
+                .unwrap();
+        }
+    }
+    let head = ValueHead::new(32, 1, &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 5, 9], vec![1, 7], vec![1, 2, 3, 4]];
+    let responses: Vec<Vec<u32>> = vec![vec![11, 12, 2], vec![13, 14, 15, 16], vec![17]];
+    let p: Vec<&[u32]> = prompts.iter().map(|x| x.as_slice()).collect();
+    let r: Vec<&[u32]> = responses.iter().map(|x| x.as_slice()).collect();
+    let width = 5;
+    let out = policy_forward(&model, Some(&head), &p, &r, width, 1.0).unwrap();
+    let lp = to_rows(&out.logprobs).unwrap();
+    let vals = to_rows(out.values.as_ref().unwrap()).unwrap();
+    for i in 0..3 {
+        let seq = [prompts[i].clone(), responses[i].clone()].concat();
+        let mask: Vec<bool> = (0..seq.len()).map(|j| j >= prompts[i].len()).collect();
+        let (_, per_token) = model
+            .token_logps(std::slice::from_ref(&seq), &[mask])
+            .unwrap();
+        let per_token: Vec<f32> = per_token.squeeze(0).unwrap().to_vec1().unwrap();
+        let b =
+            osp::model::TokenBatch::right_padded(std::slice::from_ref(&seq), &Device::Cpu).unwrap();
+        let h = model
+            .forward_hidden(&b.ids, &b.positions, &b.bias, None)
+            .unwrap();
+        let v: Vec<f32> = head
+            .forward(&h)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for t in 0..width {
+            if t < responses[i].len() {
+                let pos = prompts[i].len() + t - 1;
+                assert!(
+                    (lp[i][t] - per_token[pos]).abs() < 1e-4,
+                    "logp row {i} token {t}"
+                );
+                assert!(
+                    (vals[i][t] - v[pos]).abs() < 1e-4,
+                    "value row {i} token {t}"
+                );
+            } else {
+                assert_eq!(
+                    (lp[i][t], vals[i][t]),
+                    (0.0, 0.0),
+                    "padding row {i} column {t}"
+                );
+            }
+        }
+    }
+    assert!(out.entropy_mean > 0.0 && out.entropy_mean <= (40f64).ln() + 1e-6);
+    // The pieces compose: rollout → advantages → loss → gradients into adapters and head.
+    let zeros = vec![vec![0f32; width]; 3];
+    let lengths: Vec<usize> = responses.iter().map(Vec::len).collect();
+    let roll = Rollout {
+        logprobs: &lp,
+        ref_logprobs: &zeros,
+        values: &vals,
+        lengths: &lengths,
+        scores: &[1.0, -0.5, 0.25],
+        contains_eos: &[true, false, false],
+    };
+    let processed = process_rollout(&PpoConfig::default(), &roll).unwrap();
+    let mb = processed.minibatch(&[2, 0, 1], &Device::Cpu).unwrap();
+    let p2: Vec<&[u32]> = [2, 0, 1].iter().map(|&i| p[i]).collect();
+    let r2: Vec<&[u32]> = [2, 0, 1].iter().map(|&i| r[i]).collect();
+    let now = policy_forward(&model, Some(&head), &p2, &r2, width, 1.0).unwrap();
+    let loss = ppo_loss(
+        &PpoConfig::default(),
+        &now.logprobs,
+        now.values.as_ref().unwrap(),
+        &mb,
+    )
+    .unwrap();
+    assert!(loss.stats.approxkl < 1e-9 && (loss.stats.ratio_mean - 1.0).abs() < 1e-6);
+    let g = loss.loss.backward().unwrap();
+    assert!(g.get(&head.weight).is_some());
+    assert!(model.vars().iter().any(|(n, v)| n.contains("lora_A")
+        && g.get(v.as_tensor()).is_some_and(|t| t
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0)));
+    // Bad inputs.
+    assert!(
+        policy_forward(&model, None, &p, &r, 3, 1.0).is_err(),
+        "a response wider than the rollout"
+    );
+    assert!(policy_forward(&model, None, &p[..2], &r, 5, 1.0).is_err());
 }

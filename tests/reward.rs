@@ -456,3 +456,62 @@ fn the_documented_template_is_exactly_the_defaults() {
         toml::to_string(&default).unwrap()
     );
 }
+
+#[test]
+fn the_command_line_trains_and_reports_accuracy() {
+    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_osp");
+    let out = std::process::Command::new(bin)
+        .args(["rm-train", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), RM_TEMPLATE);
+    let tmp = tempfile::tempdir().unwrap();
+    let (prefs, held) = write_data(tmp.path());
+    let cfg_path = tmp.path().join("rm.toml");
+    let text = RM_TEMPLATE
+        .replace(
+            "path = \"\"",
+            &format!("path = {:?}", model.display().to_string()),
+        )
+        .replace(
+            "preferences = \"\"",
+            &format!("preferences = {:?}", prefs.display().to_string()),
+        );
+    std::fs::write(&cfg_path, text).unwrap();
+    let run = tmp.path().join("run");
+    let out = std::process::Command::new(bin)
+        .args(["rm-train", "--config", cfg_path.to_str().unwrap()])
+        .args([
+            "--set",
+            &format!("train.out={:?}", run.display().to_string()),
+        ])
+        .args([
+            "--set",
+            &format!("data.eval={:?}", held.display().to_string()),
+        ])
+        .args(["--set", "train.steps=4", "--set", "train.max_len=64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("reward model after: held-out accuracy"),
+        "{err}"
+    );
+    assert!(run.join("reward_model/adapter_model.safetensors").exists());
+    let out = std::process::Command::new(bin)
+        .args([
+            "rm-train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--method",
+            "osp",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
