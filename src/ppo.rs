@@ -153,6 +153,26 @@ impl PpoConfig {
     }
 }
 
+impl PpoConfig {
+    /// The mini-batches of one PPO epoch over a rollout of `rows` samples: a fresh permutation
+    /// per (seed, epoch), split into `num_mini_batches` equal parts (TRL requires the rollout
+    /// to be a multiple of `num_mini_batches`, and so does osp).
+    pub fn minibatches(&self, rows: usize, seed: u64, epoch: usize) -> Result<Vec<Vec<usize>>> {
+        use rand::seq::SliceRandom;
+        ensure!(
+            rows > 0 && rows.is_multiple_of(self.num_mini_batches),
+            "a rollout of {rows} samples does not split into ppo.num_mini_batches = {} equal mini-batches",
+            self.num_mini_batches
+        );
+        let mut order: Vec<usize> = (0..rows).collect();
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        order.shuffle(&mut rng);
+        let size = rows / self.num_mini_batches;
+        Ok(order.chunks(size).map(<[usize]>::to_vec).collect())
+    }
+}
+
 /// One rollout, response-aligned (see the module docs); every per-token row has width T.
 #[derive(Debug, Clone, Copy)]
 pub struct Rollout<'a> {

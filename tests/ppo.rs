@@ -674,3 +674,25 @@ fn policy_forward_reads_each_response_token_where_it_is_predicted() {
     );
     assert!(policy_forward(&model, None, &p[..2], &r, 5, 1.0).is_err());
 }
+
+#[test]
+fn minibatches_partition_the_rollout_each_epoch() {
+    let cfg = PpoConfig {
+        num_mini_batches: 3,
+        ..Default::default()
+    };
+    let a = cfg.minibatches(12, 7, 0).unwrap();
+    assert_eq!(a.len(), 3);
+    assert!(a.iter().all(|m| m.len() == 4));
+    let mut all: Vec<usize> = a.concat();
+    all.sort();
+    assert_eq!(all, (0..12).collect::<Vec<_>>());
+    assert_eq!(a, cfg.minibatches(12, 7, 0).unwrap(), "deterministic");
+    assert_ne!(
+        a,
+        cfg.minibatches(12, 7, 1).unwrap(),
+        "a fresh order per epoch"
+    );
+    let e = cfg.minibatches(10, 7, 0).unwrap_err();
+    assert!(e.to_string().contains("ppo.num_mini_batches = 3"), "{e}");
+}
