@@ -515,3 +515,54 @@ fn the_command_line_trains_and_reports_accuracy() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_reward_model_on_top_of_a_starting_adapter_reloads() {
+    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (prefs, held) = write_data(tmp.path());
+    // A starting adapter with non-zero B, standing in for an SFT run's.
+    let start = tmp.path().join("sft_adapter");
+    let lm = osp::model::load_model(
+        &model,
+        None,
+        &Device::Cpu,
+        Trainable::Lora {
+            config: osp::lora::LoraConfig {
+                r: 4,
+                ..Default::default()
+            },
+            seed: 2,
+        },
+    )
+    .unwrap();
+    for (name, var) in lm.model.vars() {
+        if name.contains("lora_B") {
+            var.set(&Tensor::randn(0f32, 0.05, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    osp::lora::save_adapter(&lm.model, &start, &model.display().to_string()).unwrap();
+    let adapter = format!("model.adapter={:?}", start.display().to_string());
+    let cfg = config(
+        &model,
+        &prefs,
+        &held,
+        &tmp.path().join("run"),
+        &[&adapter, "train.steps=6"],
+    );
+    let out = run_rm_train(&cfg, false, None).unwrap();
+    let loaded = load_reward_model(&out.output, "cpu").unwrap();
+    assert_eq!(
+        loaded.meta.as_ref().unwrap().start_adapter.as_ref(),
+        Some(&start)
+    );
+    assert_same_eval(
+        &held_out_eval(&out.output, &cfg, &held),
+        &out.after.unwrap(),
+        1e-5,
+        "reload over a merged starting adapter",
+    );
+}
