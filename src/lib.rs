@@ -8,8 +8,11 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod pairing;
+pub mod ppo;
 pub mod report;
+pub mod reward;
 pub mod sample;
+pub mod self_reward;
 pub mod tokenizer;
 pub mod train;
 

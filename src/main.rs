@@ -36,6 +36,8 @@ enum Cmd {
     JudgeTrain(RunArgs),
     /// Score the model as a judge on labelled preference pairs.
     Judge(JudgeArgs),
+    /// Train a reward model (scalar head, Bradley–Terry loss) on preference pairs.
+    RmTrain(RunArgs),
     /// The built-in demo: oracle tasks, SFT from scratch, augmentation, every method, a report.
     Demo(DemoArgs),
 }
@@ -215,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => cmd_train(a),
         Cmd::JudgeTrain(a) => cmd_judge_train(a),
         Cmd::Judge(a) => cmd_judge(a),
+        Cmd::RmTrain(a) => cmd_rm_train(a),
         Cmd::Demo(a) => {
             let mut overrides = vec![];
             if a.studies {
@@ -419,6 +422,40 @@ fn cmd_judge_train(a: RunArgs) -> Result<()> {
         );
     }
     eprintln!("saved {}", out.output.display());
+    Ok(())
+}
+
+fn cmd_rm_train(a: RunArgs) -> Result<()> {
+    use osp::reward::train::{run_rm_train, RmTrainConfig, RM_TEMPLATE};
+    if a.print_config {
+        print!("{RM_TEMPLATE}");
+        return Ok(());
+    }
+    anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
+    let cfg = RmTrainConfig::load(a.config.as_deref(), &a.set)?;
+    let out = run_rm_train(&cfg, a.resume, a.stop_after)?;
+    for (when, e) in [("before", &out.before), ("after", &out.after)] {
+        if let Some(e) = e {
+            eprintln!(
+                "reward model {when}: held-out accuracy {:.3}, loss {:.4}, margin {:.3}, on {} pairs",
+                e.stats.accuracy, e.loss, e.stats.margin, e.pairs
+            );
+        }
+    }
+    if out.output.as_os_str().is_empty() {
+        eprintln!(
+            "stopped early; continue with --resume (run folder {})",
+            out.run_dir.display()
+        );
+        return Ok(());
+    }
+    eprintln!("saved {}", out.output.display());
+    if let Some(m) = &out.merged {
+        eprintln!(
+            "saved {} (merged, transformers LlamaForSequenceClassification)",
+            m.display()
+        );
+    }
     Ok(())
 }
 

@@ -620,7 +620,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             }
         };
         let reference =
-            crate::train::sft::load_policy(&start_section, &LoraConfig::default(), 0, true)?
+            crate::train::policy::load_policy(&start_section, &LoraConfig::default(), 0, true)?
                 .model
                 .without_adapter();
         let judge_after =

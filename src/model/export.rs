@@ -30,6 +30,12 @@ pub fn save_hf_model(
         cfg["bos_token_id"] = tok.bos_id().into();
     }
     save_json(&out.join("config.json"), &cfg)?;
+    copy_tokenizer_files(base, out)
+}
+
+/// Copies the base folder's tokenizer and generation files into `out` (a no-op for a llama2.c
+/// base, with a note when `out` ends up without a tokenizer.json).
+pub fn copy_tokenizer_files(base: Option<&Path>, out: &Path) -> Result<()> {
     let mut copied = 0;
     // Copying a folder's files onto themselves would truncate them.
     let same = |b: &Path| std::fs::canonicalize(b).ok() == std::fs::canonicalize(out).ok();

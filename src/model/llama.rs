@@ -433,6 +433,24 @@ impl Llama {
         &self.vars
     }
 
+    /// Registers a trainable tensor that lives beside the transformer (a reward model's score
+    /// head, PPO's value head), so that the optimiser, checkpoints and `load_vars` treat it as
+    /// one of the model's own. Copies made by `snapshot`, `merged` and `without_adapter` do not
+    /// carry it: the head's owner keeps its tensor.
+    pub fn add_var(&mut self, name: &str, var: Var) -> Result<()> {
+        if self.frozen {
+            bail!("cannot add trainable tensor `{name}` to a frozen snapshot");
+        }
+        if self.vars.iter().any(|(n, _)| n == name) {
+            bail!("the model already has a trainable tensor named `{name}`");
+        }
+        if !var.device().same_device(&self.device) {
+            bail!("trainable tensor `{name}` is on another device than the model");
+        }
+        self.vars.push((name.to_string(), var));
+        Ok(())
+    }
+
     /// A frozen copy for sampling and scoring: its own storage (later optimiser steps do not
     /// change it), the adapter merged in, no autograd graph, and matmul-friendly weight
     /// layouts. Costs one copy of the weights, which faster matmuls repay within a few steps.

@@ -74,7 +74,8 @@ pub fn load_model(
     })
 }
 
-fn find_llama2c_tokenizer(model: &Path, vocab: usize) -> Result<PathBuf> {
+/// The llama2.c tokenizer beside a checkpoint: `tok<vocab>.bin`, then `tokenizer.bin`.
+pub fn find_llama2c_tokenizer(model: &Path, vocab: usize) -> Result<PathBuf> {
     let dir = model.parent().unwrap_or(Path::new("."));
     for name in [format!("tok{vocab}.bin"), "tokenizer.bin".to_string()] {
         let p = dir.join(name);

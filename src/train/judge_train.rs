@@ -6,7 +6,8 @@
 use super::config::{load_config, ModelSection, TrainSection};
 use super::optim::OptimConfig;
 use super::pairs::{join, load_pairs, tokenize_pair, DataFormat};
-use super::sft::{load_policy, save_trained, sft_loss};
+use super::policy::{load_policy, save_trained};
+use super::sft::sft_loss;
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{split_eval, OnMalformed, PreferencePair, TokenizedExample};
 use crate::judge::{Judge, JudgeConfig, JudgeReport};

@@ -8,5 +8,6 @@ pub mod offline;
 pub mod online;
 pub mod optim;
 pub mod pairs;
+pub mod policy;
 pub mod sft;
 pub mod trainer;

@@ -5,7 +5,7 @@ use super::pairs::{
     load_pairs, pair_logps, pair_logps_detached, reference_for, tokenize_pair, tokens_of,
     TokenizedPair,
 };
-use super::sft::{load_policy, save_trained};
+use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::split_eval;
 use crate::loss::{preference_loss, LossOutput, PairLogps};

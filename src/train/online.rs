@@ -3,7 +3,7 @@
 //! step on the preference loss against πref.
 use super::method::{Method, TrainConfig};
 use super::pairs::{load_pairs, pair_logps, pair_logps_detached, reference_for, tokens_of};
-use super::sft::{load_policy, save_trained};
+use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
 use crate::judge::{Judge, JudgeModel};

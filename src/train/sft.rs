@@ -1,11 +1,12 @@
 //! Supervised fine-tuning: cross-entropy on completion tokens only, with a held-out eval loss.
-use super::config::{load_config, ModelSection, TrainMode, TrainSection};
+use super::config::{load_config, ModelSection, TrainSection};
 use super::optim::OptimConfig;
+use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::OnMalformed;
 use crate::data::{load_sft, split_eval, TokenizedExample};
 use crate::lora::LoraConfig;
-use crate::model::{load_model, Llama, LoadedModel, Trainable};
+use crate::model::Llama;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -68,51 +69,6 @@ impl SftConfig {
         }
         Ok(cfg)
     }
-}
-
-/// Loads the model a run trains: fresh LoRA adapters, the adapters of `model.adapter`, or
-/// every weight trainable. With `merge_start`, a starting adapter is merged into the base and
-/// fresh adapters train on top, so that πref (adapters off) is the starting model.
-pub fn load_policy(
-    m: &ModelSection,
-    lora: &LoraConfig,
-    seed: u64,
-    merge_start: bool,
-) -> Result<LoadedModel> {
-    let device = crate::device(&m.device)?;
-    let fresh = match m.train {
-        TrainMode::Full => Trainable::All,
-        TrainMode::Lora => Trainable::Lora {
-            config: lora.clone(),
-            seed,
-        },
-    };
-    let Some(dir) = &m.adapter else {
-        return load_model(&m.path, m.tokenizer.as_deref(), &device, fresh);
-    };
-    let adapter = Trainable::Lora {
-        config: LoraConfig::from_peft_dir(dir)?,
-        seed,
-    };
-    if !merge_start && m.train == TrainMode::Full {
-        bail!("model.adapter with model.train = \"full\" needs the adapter merged first (osp export --merge)");
-    }
-    let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
-    crate::lora::load_adapter(&lm.model, dir)?;
-    if !merge_start {
-        return Ok(lm);
-    }
-    let merged = lm.model.merged()?;
-    let weights = crate::model::Weights::new(
-        merged.named_tensors().into_iter().collect(),
-        format!("{} + {}", m.path.display(), dir.display()),
-    );
-    let model = Llama::new(&lm.model.cfg, weights, fresh)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer: lm.tokenizer,
-        source: lm.source,
-    })
 }
 
 /// Mean negative log-likelihood per trained token, and the number of trained tokens.
@@ -237,25 +193,6 @@ pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Resu
         eval_losses,
         output,
     })
-}
-
-/// Saves what a run trained: a PEFT adapter folder (`RUN/adapter`) or a full Hugging Face
-/// model folder (`RUN/model`).
-pub fn save_trained(
-    model: &Llama,
-    tok: &crate::tokenizer::Tokenizer,
-    m: &ModelSection,
-    run_dir: &Path,
-) -> Result<PathBuf> {
-    if model.lora_config().is_some() {
-        let dir = run_dir.join("adapter");
-        crate::lora::save_adapter(model, &dir, &m.path.display().to_string())?;
-        Ok(dir)
-    } else {
-        let dir = run_dir.join("model");
-        crate::model::export::save_hf_model(model, tok, Some(&m.path), &dir)?;
-        Ok(dir)
-    }
 }
 
 fn print_warnings(w: &[String]) {
