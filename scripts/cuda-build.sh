@@ -8,8 +8,8 @@
 # soname, libcuda.so.1, so at run time the real driver is loaded; the stub is never needed
 # there.
 #
-#   scripts/cuda-build.sh            build the release binary and the CUDA test binary,
-#                                    and copy both to gpu/ (what gpu-check.sh runs)
+#   scripts/cuda-build.sh            build the release binary and the CUDA test binary and
+#                                    stage them in gpu/ (what gpu-check.sh runs; see stage_gpu)
 #   scripts/cuda-build.sh check      cargo check --features cuda (cheap once built)
 #   scripts/cuda-build.sh clippy     cargo clippy --all-targets --features cuda -- -D warnings
 #   scripts/cuda-build.sh env        print the environment, for `eval "$(... env)"`
@@ -126,6 +126,42 @@ setup_env() {
   export CARGO_TARGET_DIR=$target
 }
 
+# gpu/: what scripts/gpu-check.sh runs on the GPU machine, small enough to carry there (the
+# device tool carries 64 MiB a call): the two binaries stripped and xz-compressed (each is
+# ~60 MB, mostly candle's PTX and GGUF kernels, which compress 8:1), and stories260K. The
+# SmolLM2 GGUF (94 MB) cannot travel in one call: it is split into gpu-gguf-1/ and
+# gpu-gguf-2/, carried in two calls and joined there (see gpu-check.sh).
+stage_gpu() {
+  local osp=$1 tests=$2
+  local out=$repo/gpu
+  rm -rf "$out"
+  mkdir -p "$out"
+  local name
+  for name in osp cuda-tests; do
+    local src=$osp
+    [[ $name == cuda-tests ]] && src=$tests
+    strip -o "$out/$name" "$src"
+    nice -n "$nice_level" xz -9 -T0 -f "$out/$name"
+  done
+  local data=$repo/../shared/data
+  if [[ -f $data/models/stories260K/stories260K.bin ]]; then
+    mkdir -p "$out/data/models/stories260K"
+    cp "$data"/models/stories260K/{stories260K.bin,tok512.bin} "$out/data/models/stories260K/"
+  fi
+  local gguf=$data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -rf "$repo/gpu-gguf-1" "$repo/gpu-gguf-2"
+  if [[ -f $gguf ]]; then
+    mkdir -p "$repo/gpu-gguf-1" "$repo/gpu-gguf-2"
+    local half=$((45 * 1024 * 1024))
+    head -c "$half" "$gguf" >"$repo/gpu-gguf-1/part"
+    tail -c +"$((half + 1))" "$gguf" >"$repo/gpu-gguf-2/part"
+    (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") >"$out/gguf.sha256"
+  fi
+  log "staged for the GPU machine (carry gpu; the GGUF parts in a second call):"
+  du -sh "$out" "$repo"/gpu-gguf-* >&2 2>/dev/null || true
+  ls -lR "$out" >&2
+}
+
 cmd=${1:-build}
 case $cmd in
 env)
@@ -151,18 +187,13 @@ build)
   nice -n "$nice_level" cargo build --release --features cuda --bin osp
   # The CUDA test binary; `--message-format` names its hashed path.
   test_bin=$(nice -n "$nice_level" cargo test --release --features cuda --test cuda --no-run \
-    --message-format=json 2>/dev/null |
-    grep -o '"executable":"[^"]*"' | sed -E 's/"executable":"(.*)"/\1/' | tail -n1)
+    --message-format=json | grep -o '"executable":"[^"]*"' | sed -E 's/"executable":"(.*)"/\1/' |
+    tail -n1)
   [[ -n $test_bin ]] || { log "the cuda test binary was not built"; exit 1; }
-  mkdir -p "$repo/gpu"
-  cp "$target/release/osp" "$repo/gpu/osp"
-  cp "$test_bin" "$repo/gpu/cuda-tests"
-  strip "$repo/gpu/osp" "$repo/gpu/cuda-tests" 2>/dev/null || true
   log "built in $(($(date +%s) - start)) s"
-  log "gpu/ (carry this folder to the GPU machine):"
-  ls -l "$repo/gpu" >&2
-  log "dynamic dependencies of gpu/osp:"
-  ldd "$repo/gpu/osp" >&2 || true
+  log "dynamic dependencies of $target/release/osp:"
+  ldd "$target/release/osp" >&2 || true
+  stage_gpu "$target/release/osp" "$test_bin"
   ;;
 *)
   log "unknown command '$cmd' (build, check, clippy or env)"
