@@ -10,8 +10,11 @@
 #
 #   scripts/cuda-build.sh            build the release binary and the CUDA test binary and
 #                                    stage them in gpu/ (what gpu-check.sh runs; see stage_gpu)
-#   scripts/cuda-build.sh check      cargo check --features cuda (cheap once built)
-#   scripts/cuda-build.sh clippy     cargo clippy --all-targets --features cuda -- -D warnings
+#   scripts/cuda-build.sh check      cargo check --release --features cuda --all-targets
+#   scripts/cuda-build.sh clippy     cargo clippy --release --features cuda --all-targets
+#                                    -- -D warnings
+# check and clippy use the release profile so that they reuse the kernels the build compiled
+# (a build script runs once per profile: a dev-profile check would compile them again).
 #   scripts/cuda-build.sh env        print the environment, for `eval "$(... env)"`
 #
 # Environment: OSP_CUDA_DIR (venv and link folder; default .cuda), CARGO_TARGET_DIR (default
@@ -152,7 +155,7 @@ stage_gpu() {
   rm -rf "$repo/gpu-gguf-1" "$repo/gpu-gguf-2"
   if [[ -f $gguf ]]; then
     mkdir -p "$repo/gpu-gguf-1" "$repo/gpu-gguf-2"
-    local half=$((45 * 1024 * 1024))
+    local half=$((54 * 1024 * 1024))
     head -c "$half" "$gguf" >"$repo/gpu-gguf-1/part"
     tail -c +"$((half + 1))" "$gguf" >"$repo/gpu-gguf-2/part"
     (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") >"$out/gguf.sha256"
@@ -173,12 +176,12 @@ env)
 check)
   setup_env
   cd "$repo"
-  nice -n "$nice_level" cargo check --features cuda --all-targets
+  nice -n "$nice_level" cargo check --release --features cuda --all-targets
   ;;
 clippy)
   setup_env
   cd "$repo"
-  nice -n "$nice_level" cargo clippy --features cuda --all-targets -- -D warnings
+  nice -n "$nice_level" cargo clippy --release --features cuda --all-targets -- -D warnings
   ;;
 build)
   setup_env
