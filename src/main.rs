@@ -40,6 +40,33 @@ enum Cmd {
     RmTrain(RunArgs),
     /// The built-in demo: oracle tasks, SFT from scratch, augmentation, every method, a report.
     Demo(DemoArgs),
+    /// Time sampling and a LoRA training step on a random model of a named shape.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Device: cpu, or cuda / cuda:N with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Model shapes: smollm2-135m, d512, d256 (repeatable).
+    #[arg(long = "shape", default_values_t = ["smollm2-135m".to_string(), "d512".to_string()])]
+    shapes: Vec<String>,
+    /// Sequences per sampling and training batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Prompt tokens before sampling.
+    #[arg(long, default_value_t = 16)]
+    prompt: usize,
+    /// New tokens per sampled sequence.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed repeats after one warm-up (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 #[derive(clap::Args)]
@@ -201,6 +228,37 @@ struct InspectArgs {
     model: ModelArgs,
 }
 
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let dev = osp::device(&a.device)?;
+    println!(
+        "| device | shape | parameters | batch | sampling tok/s | greedy tok/s | LoRA step (batch × {} tokens) |",
+        a.seq
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for shape in &a.shapes {
+        let opts = osp::bench::BenchOptions {
+            shape: shape.clone(),
+            batch: a.batch,
+            prompt: a.prompt,
+            new_tokens: a.new_tokens,
+            seq: a.seq,
+            repeats: a.repeats,
+        };
+        let r = osp::bench::run(&opts, &dev).with_context(|| format!("bench {shape}"))?;
+        println!(
+            "| {} | {} | {:.1}M | {} | {:.0} | {:.0} | {:.3} s |",
+            a.device,
+            r.shape,
+            r.params as f64 / 1e6,
+            a.batch,
+            r.sampling_tok_s,
+            r.greedy_tok_s,
+            r.lora_step_s
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -218,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::JudgeTrain(a) => cmd_judge_train(a),
         Cmd::Judge(a) => cmd_judge(a),
         Cmd::RmTrain(a) => cmd_rm_train(a),
+        Cmd::Bench(a) => cmd_bench(a),
         Cmd::Demo(a) => {
             let mut overrides = vec![];
             if a.studies {

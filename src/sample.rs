@@ -202,6 +202,31 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) ->
     cand[probs.len() - 1].0
 }
 
+/// The next token of every unfinished row of `logits` [b, vocab] (finished rows get 0, and
+/// their random streams do not advance). Greedy decoding off the CPU takes the argmax on the
+/// device and copies b token ids to the host instead of b × vocab logits. Sampling copies the
+/// logits: top-k, top-p and each request's own random stream run on the host.
+fn pick_tokens(
+    logits: &Tensor,
+    params: &SamplingParams,
+    rngs: &mut [ChaCha8Rng],
+    finished: &[Option<FinishReason>],
+) -> Result<Vec<u32>> {
+    if params.temperature == 0.0 && !logits.device().is_cpu() {
+        return Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+    }
+    let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(rngs.iter_mut())
+        .zip(finished)
+        .map(|((row, rng), done)| match done {
+            Some(_) => 0,
+            None => sample_token(row, params, rng),
+        })
+        .collect())
+}
+
 /// The text that `generated` adds after `prompt`. Decoding the continuation alone can differ
 /// at the seam (SentencePiece-style tokenizers drop a leading space after BOS, byte-level
 /// BPE may split a character), so decode a little prompt context with it and cut that off.
@@ -261,7 +286,7 @@ pub fn generate(
     }
     let (mut dec, mut logits) = Decoder::prefill(model, &prompts)?;
     for step in 0..params.max_new_tokens {
-        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let picks = pick_tokens(&logits, params, &mut rngs, &finish)?;
         let mut next = vec![0u32; n];
         for i in 0..n {
             if finish[i].is_some() {
@@ -269,7 +294,7 @@ pub fn generate(
                 next[i] = *out[i].last().unwrap_or(&0);
                 continue;
             }
-            let t = sample_token(&rows[i], params, &mut rngs[i]);
+            let t = picks[i];
             next[i] = t;
             out[i].push(t);
             if eos.contains(&t) {

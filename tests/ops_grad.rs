@@ -130,3 +130,39 @@ fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
     assert!(grads.get(xv.as_tensor()).is_some());
     assert!(grads.get(wv.as_tensor()).is_none());
 }
+
+/// The CUDA path of each op (candle's fused kernel forward, our backward attached) runs on
+/// the CPU too: its forward and gradients must equal the composed ops' and finite differences.
+#[test]
+fn kernel_paths_have_the_composed_gradients() {
+    let x = (randn(&[3, 2, 7], 21) * 3.0).unwrap();
+    let kernel = |x: &Tensor| ops::softmax_kernel(x).unwrap();
+    let composed = |x: &Tensor| ops::softmax_composed(x).unwrap();
+    assert!(max_abs(&kernel(&x), &composed(&x)) < 1e-6);
+    let g = check_grad(&x, &kernel, 22);
+    assert!(max_abs(&g, &autograd(&x, &composed, 22)) < 1e-5);
+
+    let x = randn(&[2, 3, 8], 23);
+    let w = randn(&[8], 24).affine(0.5, 1.0).unwrap();
+    let eps = 1e-5;
+    let kernel_x = |x: &Tensor| ops::rms_norm_kernel(x, &w, eps).unwrap();
+    let comp_x = |x: &Tensor| ops::rms_norm_composed(x, &w, eps).unwrap();
+    assert!(max_abs(&kernel_x(&x), &comp_x(&x)) < 1e-5);
+    let g = check_grad(&x, &kernel_x, 25);
+    assert!(max_abs(&g, &autograd(&x, &comp_x, 25)) < 1e-4);
+    let kernel_w = |w: &Tensor| ops::rms_norm_kernel(&x, w, eps).unwrap();
+    let comp_w = |w: &Tensor| ops::rms_norm_composed(&x, w, eps).unwrap();
+    let gw = check_grad(&w, &kernel_w, 26);
+    assert!(max_abs(&gw, &autograd(&w, &comp_w, 26)) < 1e-4);
+
+    let (b, h, t, d) = (2, 3, 5, 8);
+    let x = randn(&[b, h, t, d], 27);
+    let pos =
+        Tensor::from_vec(vec![0u32, 1, 2, 3, 4, 0, 0, 7, 8, 9], (b, t), &Device::Cpu).unwrap();
+    let (cos, sin) = ops::rope_tables(&pos, d, 10000.0).unwrap();
+    let kernel = |x: &Tensor| ops::rope_kernel(x, &cos, &sin).unwrap();
+    let composed = |x: &Tensor| ops::rope_composed(x, &cos, &sin).unwrap();
+    assert!(max_abs(&kernel(&x), &composed(&x)) < 1e-6);
+    let g = check_grad(&x, &kernel, 28);
+    assert!(max_abs(&g, &autograd(&x, &composed, 28)) < 1e-5);
+}

@@ -2,8 +2,12 @@
 //!
 //! candle's fused versions of these ops (`candle_nn::ops::softmax_last_dim`, `rms_norm`,
 //! `rotary_emb::rope`) are built without a backward pass: gradients silently stop there. Here
-//! each op is a `CustomOp` whose CPU forward and backward are fused loops; on other devices the
-//! same maths is composed from basic tensor ops, which candle differentiates correctly.
+//! each op has a backward on every device:
+//! - CPU (f32): a `CustomOp` whose forward and backward are fused loops;
+//! - CUDA: candle's fused kernel forward, wrapped by `with_backward` into an op whose backward
+//!   is composed from basic tensor ops (softmax, RMSNorm) or is the rope kernel itself, run
+//!   with the angles negated;
+//! - anything else: the maths composed from basic ops, which candle differentiates.
 use candle_core::{
     backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType,
     Device, Layout, Result, Shape, Tensor, D,
@@ -37,14 +41,134 @@ fn is_cpu_f32(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
+// ---------------------------------------------------------------- kernels with a backward
+
+/// The backward of an op with one differentiable input: dL/dx from x, the output y and dL/dy.
+trait Backward1: Send + Sync {
+    const NAME: &'static str;
+    fn dx(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor>;
+}
+
+/// The backward of an op with two differentiable inputs (x and a weight w).
+trait Backward2: Send + Sync {
+    const NAME: &'static str;
+    fn dx_dw(&self, x: &Tensor, w: &Tensor, y: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)>;
+}
+
+/// Wraps `y`, computed from the inputs by a kernel that has no backward pass, as the output
+/// of an op on those inputs whose backward is `B`. The forward is a copy of `y` (one device
+/// memcpy): a `CustomOp` must return storage of its own.
+struct WithBackward<B>(B);
+
+/// `y` as a fresh storage; `y` must be a kernel's own output (contiguous from offset 0, so
+/// its storage holds exactly its elements).
+fn copy_output<S: BackendStorage>(s: &S, l: &Layout, op: &str) -> Result<(S, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{op}: the kernel's output must be contiguous");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl<B: Backward1> CustomOp2 for WithBackward<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_output(y, l, B::NAME)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_output(y, l, B::NAME)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.0.dx(x, res, grad)?), None))
+    }
+}
+
+impl<B: Backward2> CustomOp3 for WithBackward<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_output(y, l, B::NAME)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_output(y, l, B::NAME)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.0.dx_dw(x, w, res, grad)?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if is_cpu_f32(x) {
         x.contiguous()?.apply_op1(Softmax)
+    } else if x.device().is_cuda() {
+        softmax_kernel(x)
     } else {
         softmax_composed(x)
+    }
+}
+
+/// candle's fused softmax forward (the CUDA path; it runs on the CPU too, for the tests) with
+/// the composed backward dx = y ⊙ (g − Σ g⊙y).
+pub fn softmax_kernel(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = candle_nn::ops::softmax_last_dim(&x)?;
+    x.apply_op2(&y, WithBackward(SoftmaxGrad))
+}
+
+struct SoftmaxGrad;
+
+impl Backward1 for SoftmaxGrad {
+    const NAME: &'static str = "osp-softmax-kernel";
+    fn dx(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        y * g.broadcast_sub(&dot)?
     }
 }
 
@@ -119,8 +243,39 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if is_cpu_f32(x) {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    } else if x.device().is_cuda() {
+        rms_norm_kernel(x, w, eps)
     } else {
         rms_norm_composed(x, w, eps)
+    }
+}
+
+/// candle's fused RMSNorm forward (the CUDA path; it runs on the CPU too, for the tests) with
+/// a composed backward.
+pub fn rms_norm_kernel(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let y = candle_nn::ops::rms_norm(&x, &w, eps as f32)?;
+    x.apply_op3(&w, &y, WithBackward(RmsNormGrad { eps }))
+}
+
+struct RmsNormGrad {
+    eps: f64,
+}
+
+impl Backward2 for RmsNormGrad {
+    const NAME: &'static str = "osp-rmsnorm-kernel";
+    /// With r = 1/rms(x), x̂ = x·r and gw = g⊙w: dx = r·(gw − x̂·mean(gw⊙x̂)), dw = Σ_rows g⊙x̂.
+    fn dx_dw(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let xhat = x.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(w)?;
+        let dot = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw - xhat.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let n = w.elem_count();
+        let dw = (g * xhat)?.reshape(((), n))?.sum(0)?;
+        Ok((dx, dw))
     }
 }
 
@@ -264,8 +419,30 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             &sin.contiguous()?,
             Rope { inverse: false },
         )
+    } else if x.device().is_cuda() {
+        rope_kernel(x, cos, sin)
     } else {
         rope_composed(x, cos, sin)
+    }
+}
+
+/// candle's fused rope kernel forward (the CUDA path; it runs on the CPU too, for the tests);
+/// the backward is the same kernel rotating the gradient by the negated angles.
+pub fn rope_kernel(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let y = candle_nn::rotary_emb::rope(&x, &cos, &sin)?;
+    x.apply_op2(&y, WithBackward(RopeGrad { cos, sin }))
+}
+
+struct RopeGrad {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Backward1 for RopeGrad {
+    const NAME: &'static str = "osp-rope-kernel";
+    fn dx(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &self.cos, &self.sin.neg()?)
     }
 }
 
@@ -417,6 +594,7 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        // cuBLAS takes only unit-stride rows or columns; a gradient can arrive as a view.
+        Ok((Some(grad.contiguous()?.matmul(w)?), None))
     }
 }
