@@ -41,7 +41,7 @@ fn main() -> Result<()> {
             var.set(&t)?;
         }
     }
-    osp::lora::save_adapter(&model, &out.join("adapter"), &base.display().to_string())?;
+    osp::model::save_adapter(&model, &out.join("adapter"), &base.display().to_string())?;
     let tok = osp::tokenizer::Tokenizer::from_tokenizer_json(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../shared/data/models/gpt2-tokenizer/tokenizer.json"),

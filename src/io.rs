@@ -31,6 +31,65 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes a whole folder the way checkpoints are written: `fill` writes into a temporary
+/// sibling (`.NAME.tmp`), every file in it is fsynced, and it is renamed to `dir`. An
+/// existing `dir` is moved aside to `.NAME.old` first and removed after, so a crash leaves
+/// the old folder or the complete new one (between the two renames, the old one under
+/// `.NAME.old`), never a mixture.
+pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .with_context(|| format!("{} does not name a folder", dir.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let (tmp, old) = (
+        parent.join(format!(".{name}.tmp")),
+        parent.join(format!(".{name}.old")),
+    );
+    let fresh = |p: &Path| -> Result<()> {
+        if p.exists() {
+            std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+        Ok(())
+    };
+    fresh(&tmp)?;
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = fill(&tmp).and_then(|()| {
+        for e in std::fs::read_dir(&tmp)? {
+            let p = e?.path();
+            if p.is_file() {
+                std::fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("cannot sync {}", p.display()))?;
+            }
+        }
+        Ok(sync_dir(&tmp)?)
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let replace = || -> std::io::Result<()> {
+        if dir.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)?;
+            }
+            std::fs::rename(dir, &old)?;
+        }
+        std::fs::rename(&tmp, dir)?;
+        sync_dir(parent)?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        Ok(())
+    };
+    replace().with_context(|| format!("cannot move {} into place", dir.display()))
+}
+
 /// fsync a folder, so renames and new entries in it are durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()

@@ -121,12 +121,40 @@ impl Judge {
         if answer_a == answer_b {
             bail!("judge.answer_a and judge.answer_b are the same token ({answer_a})");
         }
-        Ok(Self {
+        let judge = Self {
             cfg,
             answer_a,
             answer_b,
             bos: tok.bos_id(),
-        })
+        };
+        let bare = judge.protected_len(tok, "", "", "")?;
+        if judge.cfg.max_len > 0 && bare >= judge.cfg.max_len {
+            bail!(
+                "judge.max_len = {} leaves no room for the responses: the template around them \
+                 takes {bare} tokens without any",
+                judge.cfg.max_len
+            );
+        }
+        Ok(judge)
+    }
+
+    /// Tokens (with BOS) from the first response placeholder to the end of the judge prompt:
+    /// what cutting an over-long prompt must never reach, or the judge would compare less
+    /// than both responses.
+    fn protected_len(&self, tok: &Tokenizer, prompt: &str, a: &str, b: &str) -> Result<usize> {
+        let t = &self.cfg.template;
+        let at = [t.find("{a}"), t.find("{b}")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(0);
+        let tail = &t[at..];
+        let text = if tail.contains("{prompt}") {
+            render_template(tail, prompt, a, b)
+        } else {
+            tail.replace("{a}", a).replace("{b}", b)
+        };
+        Ok(tok.encode(&text, false)?.len() + usize::from(self.bos.is_some()))
     }
 
     pub fn answer_ids(&self) -> (u32, u32) {
@@ -154,6 +182,15 @@ impl Judge {
             limit
         };
         if ids.len() > limit {
+            let keep = self.protected_len(tok, prompt, a, b)?;
+            if keep > limit {
+                bail!(
+                    "a judge prompt of {} tokens does not fit the {limit}-token limit (judge.max_len \
+                     or the model's positions): the two responses and the template around them \
+                     alone take {keep}; raise judge.max_len or shorten the responses",
+                    ids.len()
+                );
+            }
             let cut = ids.len() - limit;
             ids.drain(..cut);
             if let (Some(bos), Some(first)) = (self.bos, ids.first_mut()) {

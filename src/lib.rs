@@ -10,6 +10,7 @@ pub mod loss;
 pub mod model;
 pub mod pairing;
 pub mod ppo;
+pub mod random;
 pub mod report;
 pub mod reward;
 pub mod sample;

@@ -4,14 +4,13 @@
 //! (zero), scale = alpha / r, or alpha / √r with rsLoRA. The base weights stay constants; the
 //! reference policy πref is the same model with the adapter switched off
 //! (`Llama::without_adapter`), so no second copy of the weights is ever made.
-use crate::model::init::uniform_vec;
+use crate::random::uniform_vec;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -263,6 +262,13 @@ impl LoraLayer {
         device: &Device,
         ctx: Arc<LoraContext>,
     ) -> Result<(Tensor, Tensor, Self)> {
+        if cfg.r > out.min(inp) {
+            bail!(
+                "lora.r = {} exceeds the rank of a {out}×{inp} projection (at most {})",
+                cfg.r,
+                out.min(inp)
+            );
+        }
         let bound = 1.0 / (inp as f32).sqrt();
         let a = Tensor::from_vec(uniform_vec(rng, cfg.r * inp, bound), (cfg.r, inp), device)?;
         let b = Tensor::zeros((out, cfg.r), DType::F32, device)?;
@@ -299,66 +305,4 @@ impl LoraLayer {
 /// PEFT's tensor name for the A or B matrix of the module at `path`.
 pub fn peft_name(path: &str, which: char) -> String {
     format!("base_model.model.{path}.lora_{which}.weight")
-}
-
-/// Reads `adapter_model.safetensors` from an adapter folder.
-pub fn read_adapter_tensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join("adapter_model.safetensors");
-    if !path.exists() {
-        bail!("{} is missing (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)", path.display());
-    }
-    let tensors = crate::model::load::read_safetensors(&path, device)?;
-    // PEFT versions differ on whether the adapter name appears (`lora_A.default.weight`).
-    Ok(tensors
-        .into_iter()
-        .map(|(n, t)| (n.replace(".default.weight", ".weight"), t))
-        .collect())
-}
-
-/// Writes the model's adapters as a PEFT adapter folder: `adapter_config.json` and
-/// `adapter_model.safetensors` (f32, tensors `base_model.model.<module>.lora_{A,B}.weight`).
-pub fn save_adapter(model: &crate::model::Llama, dir: &Path, base_model: &str) -> Result<()> {
-    let cfg = model
-        .lora_config()
-        .ok_or_else(|| anyhow!("the model has no LoRA adapters to save"))?;
-    let tensors: Vec<(String, Tensor)> = model
-        .vars()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::io::save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
-    crate::io::save_json(
-        &dir.join("adapter_config.json"),
-        &cfg.to_peft_json(base_model),
-    )
-}
-
-/// Fills the model's adapters from a PEFT adapter folder. The model must have been built
-/// with the folder's `LoraConfig` (see `LoraConfig::from_peft_dir`).
-pub fn load_adapter(model: &crate::model::Llama, dir: &Path) -> Result<()> {
-    let cfg = LoraConfig::from_peft_dir(dir)?;
-    let mine = model
-        .lora_config()
-        .ok_or_else(|| anyhow!("the model was built without LoRA adapters"))?;
-    let same = mine.r == cfg.r
-        && mine.use_rslora == cfg.use_rslora
-        && mine.lora_alpha == cfg.lora_alpha
-        && {
-            let (mut a, mut b) = (mine.target_modules.clone(), cfg.target_modules.clone());
-            a.sort();
-            b.sort();
-            a == b
-        };
-    if !same {
-        bail!(
-            "{}: adapter config {cfg:?} differs from the model's {mine:?}",
-            dir.display()
-        );
-    }
-    let tensors = read_adapter_tensors(dir, model.device())?;
-    model.load_vars(
-        &tensors,
-        &dir.join("adapter_model.safetensors").display().to_string(),
-    )
 }

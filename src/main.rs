@@ -71,7 +71,7 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct DemoArgs {
-    /// The small budget (about 2 minutes; what the tests run).
+    /// The small budget (about a minute on 2 cores; what the tests run).
     #[arg(long)]
     quick: bool,
     /// Output folder: summary.json, report.md, plots, run folders.
@@ -157,6 +157,9 @@ struct ExportArgs {
     /// Output folder for config.json, model.safetensors and tokenizer files.
     #[arg(long)]
     out: PathBuf,
+    /// Replace `--out` when it already exists (it is refused otherwise).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -187,7 +190,7 @@ impl ModelArgs {
         };
         let lm = load_model(&self.model, self.tokenizer.as_deref(), &device, trainable)?;
         if let Some(dir) = &self.adapter {
-            osp::lora::load_adapter(&lm.model, dir)?;
+            osp::model::load_adapter(&lm.model, dir)?;
         }
         Ok(lm)
     }
@@ -200,20 +203,21 @@ struct GenerateArgs {
     /// Prompt text; empty starts from BOS alone.
     #[arg(long, default_value = "")]
     prompt: String,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature; 0 is greedy (values in (0, 0.001) are refused).
+    #[arg(long, default_value_t = SamplingParams::default().temperature)]
     temperature: f64,
     /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
     top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SamplingParams::default().top_p)]
     top_p: f64,
-    #[arg(long, default_value_t = 256)]
+    /// Upper bound on generated tokens per sample.
+    #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
     max_new_tokens: usize,
-    /// Independent samples of the prompt, generated as one batch.
-    #[arg(long, default_value_t = 1)]
-    num_samples: usize,
+    /// Independent samples of the prompt, generated as one batch (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    num_samples: u64,
     /// Sample i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -309,6 +313,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        stop_strings: a.stop.clone(),
+        stop_at_eos: SamplingParams::default().stop_at_eos,
+    };
+    params.validate()?;
     let lm = a.model.load()?;
     let tok = &lm.tokenizer;
     let prompt = if a.prompt.is_empty() {
@@ -319,15 +332,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&a.prompt, tok.bos_id().is_some())?
     };
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        stop_strings: a.stop.clone(),
-        stop_at_eos: true,
-    };
-    let requests: Vec<Request> = (0..a.num_samples.max(1) as u64)
+    let requests: Vec<Request> = (0..a.num_samples)
         .map(|i| Request {
             prompt: prompt.clone(),
             seed: a.seed.wrapping_add(i),
@@ -426,8 +431,9 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
         device: "cpu".into(),
         adapter: Some(a.adapter),
     };
+    osp::model::export::check_export_target(&a.out, a.force)?;
     let lm = args.load()?;
-    osp::model::export::save_hf_model(&lm.model, &lm.tokenizer, Some(&a.model), &a.out)?;
+    osp::model::export::export_merged(&lm.model, &lm.tokenizer, &a.model, &a.out, a.force)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -463,13 +469,16 @@ fn cmd_judge_train(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
-    anyhow::ensure!(
-        a.stop_after.is_none(),
-        "--stop-after is not supported by judge-train yet"
-    );
     let cfg = JudgeTrainConfig::load(a.config.as_deref(), &a.set)?;
-    let out = run_judge_train(&cfg, a.resume)?;
-    for (when, r) in [("before", &out.before), ("after", &out.after)] {
+    let out = run_judge_train(&cfg, a.resume, a.stop_after)?;
+    let Some(after) = &out.after else {
+        eprintln!(
+            "stopped early; continue with --resume (run folder {})",
+            out.run_dir.display()
+        );
+        return Ok(());
+    };
+    for (when, r) in [("before", &out.before), ("after", after)] {
         eprintln!(
             "judge {when}: accuracy {:.3}, ECE {:.3}, position bias {}, on {} held-out pairs",
             r.accuracy,
@@ -539,7 +548,7 @@ fn cmd_judge(a: JudgeArgs) -> Result<()> {
         &a.data,
         format,
         Some(&lm.tokenizer),
-        osp::data::OnMalformed::Skip,
+        osp::train::method::PrefData::default().on_malformed,
     )?;
     for w in warnings.iter().take(5) {
         eprintln!("warning: {w}");

@@ -64,13 +64,14 @@ pub struct PairingConfig {
     /// Responses sampled per prompt, K. Default 7. At least 3 with `baseline = "first"`
     /// (two scored candidates are needed for a pair), at least 2 with `baseline = "given"`.
     pub k: usize,
-    /// What the candidates are scored against: `"first"` (sample 0, default) or `"given"`
-    /// (a response supplied by the caller, e.g. πref's greedy response).
+    /// What the candidates are scored against: `"first"` (sample 0) or `"given"` (a response
+    /// supplied by the caller, e.g. πref's greedy response). Default "first".
     pub baseline: Baseline,
-    /// Pair strength: `"fresh"` (default, one extra batched judge call) or
-    /// `"bradley_terry"` (from the baseline scores, no extra call).
+    /// Pair strength: `"fresh"` (one extra batched judge call) or `"bradley_terry"` (from the
+    /// baseline scores, no extra call). Default "fresh".
     pub strength: StrengthSource,
-    /// `"ranked"` (default) or `"random"` (ablation).
+    /// `"ranked"` or `"random"` (ablation; set by the osp-random-pairs method). Default
+    /// "ranked".
     pub mode: PairingMode,
 }
 

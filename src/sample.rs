@@ -12,21 +12,28 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// The smallest temperature above 0 that sampling accepts. Below it, logits divided by the
+/// temperature can overflow f32 (at 1e-40 the least likely token was picked); such
+/// temperatures are refused, and 0 asks for greedy decoding explicitly.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
 /// How to pick tokens. Defaults follow transformers' `generate` with sampling on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplingParams {
-    /// Softmax temperature; 0 means greedy decoding.
+    /// Softmax temperature; 0 means greedy decoding, and values in (0, `MIN_TEMPERATURE`)
+    /// are refused. Default 1.0.
     pub temperature: f64,
-    /// Keep only the k most likely tokens (0 = off).
+    /// Keep only the k most likely tokens (0 = off). Default 0.
     pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p (1 = off).
+    /// Keep the smallest set of tokens whose probability reaches p (1 = off). Default 1.0.
     pub top_p: f64,
-    /// Upper bound on generated tokens per request.
+    /// Upper bound on generated tokens per request. Default 64.
     pub max_new_tokens: usize,
-    /// Stop when one of these strings appears in the generated text (it is cut off).
+    /// Stop when one of these strings appears in the generated text (it is cut off); an
+    /// empty string is refused. Default: none.
     pub stop_strings: Vec<String>,
-    /// Stop at the tokenizer's end-of-sequence token(s).
+    /// Stop at the tokenizer's end-of-sequence token(s). Default true.
     pub stop_at_eos: bool,
 }
 
@@ -51,8 +58,18 @@ impl SamplingParams {
                 self.temperature
             );
         }
+        if self.temperature > 0.0 && self.temperature < MIN_TEMPERATURE {
+            bail!(
+                "temperature {} is below {MIN_TEMPERATURE}, the smallest supported (smaller ones \
+                 overflow the logits); use 0 for greedy decoding",
+                self.temperature
+            );
+        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("top_p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.stop_strings.iter().any(String::is_empty) {
+            bail!("an empty stop string would stop at once; remove it");
         }
         Ok(())
     }
@@ -255,7 +272,7 @@ pub fn generate(
     }
     let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
     let limit = model.cfg.max_position_embeddings;
-    if longest + params.max_new_tokens > limit {
+    if longest.saturating_add(params.max_new_tokens) > limit {
         bail!(
             "a prompt of {longest} tokens plus {} new tokens exceeds the model's {limit} positions",
             params.max_new_tokens

@@ -791,87 +791,26 @@ fn raise_exception(msg: String) -> std::result::Result<minijinja::Value, minijin
     ))
 }
 
-/// `strftime_now(format)` as Hugging Face provides it (UTC here). Supports the common
-/// directives `%d %m %Y %y %b %B %a %A %H %M %S %j %e %%`; others are kept literally.
-fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    strftime_utc(&format, secs)
+/// `strftime_now(format)` as Hugging Face provides it (Python's
+/// `datetime.now().strftime(format)`; UTC here), formatted by chrono. A directive chrono
+/// does not know is a template error rather than text.
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    strftime_utc(&format, chrono::Utc::now())
 }
 
-fn strftime_utc(format: &str, unix_secs: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-    ];
-    let days = unix_secs.div_euclid(86_400);
-    let sod = unix_secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy_mar + 2) / 153;
-    let day = doy_mar - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    const CUM: [i64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let yday = CUM[(month - 1) as usize] + day + i64::from(leap && month > 2);
-    let month_name = MONTHS[(month - 1) as usize];
-    let day_name = DAYS[days.rem_euclid(7) as usize];
-
+fn strftime_utc(
+    format: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> std::result::Result<String, minijinja::Error> {
+    use std::fmt::Write;
     let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('d') => out.push_str(&format!("{day:02}")),
-            Some('e') => out.push_str(&format!("{day:2}")),
-            Some('m') => out.push_str(&format!("{month:02}")),
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
-            Some('b') => out.push_str(&month_name[..3]),
-            Some('B') => out.push_str(month_name),
-            Some('a') => out.push_str(&day_name[..3]),
-            Some('A') => out.push_str(day_name),
-            Some('H') => out.push_str(&format!("{:02}", sod / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", sod / 60 % 60)),
-            Some('S') => out.push_str(&format!("{:02}", sod % 60)),
-            Some('j') => out.push_str(&format!("{yday:03}")),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
+    write!(out, "{}", at.format(format)).map_err(|_| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: unsupported format {format:?}"),
+        )
+    })?;
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -917,8 +856,11 @@ impl Llama2c {
         if max_token_length < 0 {
             bail!("negative max_token_length {max_token_length} in the header");
         }
-        let mut pieces = Vec::with_capacity(vocab_size);
-        let mut scores = Vec::with_capacity(vocab_size);
+        // Each token takes at least 8 bytes: a vocab size beyond the file is caught below
+        // as truncation, not by a huge allocation here.
+        let cap = vocab_size.min(bytes.len() / 8);
+        let mut pieces = Vec::with_capacity(cap);
+        let mut scores = Vec::with_capacity(cap);
         for i in 0..vocab_size {
             let rec = take(8).with_context(|| {
                 format!(
@@ -940,7 +882,7 @@ impl Llama2c {
             pieces.push(piece);
             scores.push(score);
         }
-        let mut lookup = HashMap::with_capacity(vocab_size);
+        let mut lookup = HashMap::with_capacity(pieces.len());
         for (i, p) in pieces.iter().enumerate() {
             lookup.entry(p.clone()).or_insert(i as u32);
         }
@@ -1138,15 +1080,20 @@ mod tests {
 
     #[test]
     fn strftime_known_dates() {
+        let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0).unwrap();
+        let f = |fmt: &str, secs: i64| strftime_utc(fmt, at(secs)).unwrap();
         // 2024-07-26 13:05:09 UTC is a Friday.
         let t = 1_722_000_000 - 1_722_000_000 % 86_400 + 13 * 3600 + 5 * 60 + 9;
-        assert_eq!(strftime_utc("%d %b %Y", t), "26 Jul 2024");
+        assert_eq!(f("%d %b %Y", t), "26 Jul 2024");
         assert_eq!(
-            strftime_utc("%A %B %e, %y %H:%M:%S %j %%", t),
+            f("%A %B %e, %y %H:%M:%S %j %%", t),
             "Friday July 26, 24 13:05:09 208 %"
         );
-        assert_eq!(strftime_utc("%Y-%m-%d %a", 0), "1970-01-01 Thu");
-        assert_eq!(strftime_utc("%Y-%m-%d", 951_782_400), "2000-02-29");
+        assert_eq!(f("%Y-%m-%d %a", 0), "1970-01-01 Thu");
+        assert_eq!(f("%Y-%m-%d", 951_782_400), "2000-02-29");
+        // Directives the hand-written version lacked, and a refused one.
+        assert_eq!(f("%I %p %u", t), "01 PM 5");
+        assert!(strftime_utc("%Q", at(t)).is_err());
     }
 
     #[test]

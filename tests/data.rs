@@ -1,8 +1,10 @@
 //! Data loading: record files, SFT tokenization, preference loaders. The real data sets
 //! and tokenizers under ../shared/data are read in place (tests skip where absent).
 
+mod common;
+use common::shared_data;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use osp::data::{
     load_hh, load_pandalm, load_preferences, load_prompts, load_sft, load_tldr, read_records,
@@ -12,18 +14,6 @@ use osp::tokenizer::{ChatMessage, Tokenizer};
 
 // ------------------------------------------------------------------------------------
 // Helpers
-
-fn shared_data(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent", p.display());
-        None
-    }
-}
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     let p = dir.path().join(name);
@@ -186,7 +176,8 @@ fn bad_json_follows_the_policy() {
 fn on_malformed_serde() {
     let v: Vec<OnMalformed> = serde_json::from_str(r#"["skip", "abort"]"#).unwrap();
     assert_eq!(v, [OnMalformed::Skip, OnMalformed::Abort]);
-    assert_eq!(OnMalformed::default(), OnMalformed::Abort);
+    // The default every config's data.on_malformed has, and documents.
+    assert_eq!(OnMalformed::default(), OnMalformed::Skip);
     assert!(serde_json::from_str::<OnMalformed>(r#""Skip""#).is_err());
 }
 
@@ -267,7 +258,7 @@ fn sft_malformed_records() {
          {\"prompt\": \"a\"}\n\
          {\"text\": 5}\n\
          [1, 2]\n\
-         {\"prompt\": \"a\", \"completion\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n\
+         {\"prompt\": [{\"role\": \"user\", \"content\": \"a\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n\
          {\"other\": 1}\n\
          {oops\n",
     );

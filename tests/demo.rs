@@ -70,14 +70,29 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
         }
         // SFT against itself, with the same seeds, is an exact tie.
         assert_eq!(summary["tasks"][task]["sft"]["win_rate_vs_sft"], 0.5);
-        // The claim at the quick budget (seed 0): OSP raises the oracle reward over SFT.
-        let reward = |m: &str| summary["tasks"][task][m]["oracle_reward"].as_f64().unwrap();
-        assert!(
-            reward("osp") > reward("sft"),
-            "{task}: OSP reward {} <= SFT reward {}",
-            reward("osp"),
-            reward("sft")
-        );
+        // The paper's claims are measured and reported (with their margins in standard
+        // errors), not asserted: on dialogue, OSP's reward over SFT at this budget is within
+        // noise, and flipped on a CPU with AVX-512 (other kernels, other rounding).
+        let claim = &summary["claims"][task]["OSP beats SFT"];
+        for k in ["margin", "se"] {
+            assert!(
+                claim[k].as_f64().is_some_and(f64::is_finite),
+                "{task}: {claim}"
+            );
+        }
+        assert!(claim["held"].is_boolean());
+        // What the quick budget shows with a wide margin: on summarize, OSP (from πref, the
+        // augmented model) raises the oracle reward well above SFT's (0.28 against 0.12 on
+        // seed 0 with AVX2; the test asserts a third of that gap).
+        if task == "summarize" {
+            let reward = |m: &str| summary["tasks"][task][m]["oracle_reward"].as_f64().unwrap();
+            assert!(
+                reward("osp") > reward("sft") + 0.05,
+                "{task}: OSP reward {} vs SFT reward {}",
+                reward("osp"),
+                reward("sft")
+            );
+        }
         // πref (the start of every method) is evaluated too.
         assert!(summary["reference"][task]["oracle_reward"].is_number());
         // Studies: three online runs at the higher learning rate, and DPO / offline SPCE at
@@ -113,6 +128,9 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("## Task `summarize`") && report.contains("| osp "));
     assert!(report.contains("πref (start)") && report.contains("### Study: epochs"));
+    assert!(
+        report.contains("### The paper's claims in this run") && report.contains("OSP beats SFT")
+    );
 }
 
 #[test]
@@ -125,6 +143,24 @@ fn unknown_method_or_task_is_refused_before_any_work() {
         ),
         (vec!["--task", "poetry"], "poetry"),
         (vec!["--set", "pa_stepz=3"], "no budget field `pa_stepz`"),
+        (
+            vec!["--set", "eval_every=0"],
+            "eval_every must be at least 1",
+        ),
+        (vec!["--set", "k=0"], "k = 0 must be at least 3"),
+        (vec!["--set", "k=1"], "k = 1 must be at least 3"),
+        (vec!["--set", "epoch_multipliers=[0]"], "epoch_multipliers"),
+        (
+            vec!["--set", "sft_lr=-1.0"],
+            "sft_lr must be a positive number",
+        ),
+        (vec!["--set", "hidden_size=30"], "hidden_size 30 must split"),
+        (
+            vec!["--set", "seed_fraction=2.0"],
+            "seed_fraction must be in",
+        ),
+        (vec!["--set", "methods=[]"], "methods is empty"),
+        (vec!["--set", "max_new_tokens=500"], "max_new_tokens = 500"),
     ] {
         let out = tmp.path().join("d");
         let o = Command::new(env!("CARGO_BIN_EXE_osp"))

@@ -4,8 +4,9 @@
 mod common;
 use candle_core::{Device, Tensor};
 use common::*;
-use osp::lora::{load_adapter, save_adapter, LoraConfig};
+use osp::lora::LoraConfig;
 use osp::model::load::{read_hf_weights, read_safetensors};
+use osp::model::{load_adapter, save_adapter};
 use osp::model::{Llama, ModelConfig, TokenBatch, Trainable};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -544,7 +544,7 @@ fn a_reward_model_on_top_of_a_starting_adapter_reloads() {
                 .unwrap();
         }
     }
-    osp::lora::save_adapter(&lm.model, &start, &model.display().to_string()).unwrap();
+    osp::model::save_adapter(&lm.model, &start, &model.display().to_string()).unwrap();
     let adapter = format!("model.adapter={:?}", start.display().to_string());
     let cfg = config(
         &model,

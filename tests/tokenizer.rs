@@ -1,33 +1,19 @@
 //! Tokenizer tests against the real stories260K llama2.c tokenizer and the GPT-2
 //! tokenizer.json under ../shared/data/models (skipped when absent).
 
+mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use osp::tokenizer::{ChatMessage, Tokenizer};
 
-fn models_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/models")
-}
-
 fn tok512_path() -> Option<PathBuf> {
-    let p = models_dir().join("stories260K/tok512.bin");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} not found", p.display());
-        None
-    }
+    common::shared_data("models/stories260K/tok512.bin")
 }
 
 fn gpt2_dir() -> Option<PathBuf> {
-    let p = models_dir().join("gpt2-tokenizer");
-    if p.join("tokenizer.json").is_file() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} not found", p.display());
-        None
-    }
+    common::shared_data("models/gpt2-tokenizer/tokenizer.json")?;
+    common::shared_data("models/gpt2-tokenizer")
 }
 
 fn llama2c() -> Option<Tokenizer> {

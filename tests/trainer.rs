@@ -36,6 +36,7 @@ fn trainer(policy: OnNonFinite, out: &std::path::Path) -> Trainer {
         on_nonfinite: policy,
         out: out.to_path_buf(),
         save_every: 1,
+        max_len: 64,
         ..Default::default()
     };
     Trainer::new(

@@ -14,17 +14,32 @@ use serde_json::{Map, Value};
 
 use crate::tokenizer::ChatMessage;
 
+/// The longest record (one JSON Lines line, or one element of a JSON array) a data file may
+/// hold: 4 MiB, about a million tokens of text, far beyond any context window. A longer
+/// record is malformed (`file:line: record of N bytes exceeds ...`, following
+/// [`OnMalformed`]) and is neither parsed nor tokenized: a 50 MB line used to take a minute
+/// and 2.3 GB of memory before being truncated to `max_len` tokens.
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+
+fn too_long(bytes: usize) -> String {
+    format!(
+        "record of {bytes} bytes exceeds the {} MiB limit on one record (MAX_RECORD_BYTES)",
+        MAX_RECORD_BYTES >> 20
+    )
+}
+
 /// What a loader does with a record it cannot use (bad JSON, a missing field, a wrong type,
-/// a value out of range).
+/// a value out of range, a record over [`MAX_RECORD_BYTES`]).
 ///
-/// `Abort` (the default) stops at the first such record, so that a silently shrunken data
-/// set is never trained on by accident; `Skip` drops it, keeps a warning
-/// (`file:line: reason`) and goes on, for large public data sets with a few bad rows.
+/// `Skip` (the default of every config's `data.on_malformed`) drops it, keeps a warning
+/// (`file:line: reason`; the trainers print the first ones and name the first problem when
+/// nothing usable is left) and goes on, for large public data sets with a few bad rows;
+/// `Abort` stops at the first such record, so that a shrunken data set is never trained on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnMalformed {
-    Skip,
     #[default]
+    Skip,
     Abort,
 }
 
@@ -106,7 +121,7 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
-    let mut out = Vec::with_capacity(raw.len() * 4);
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4));
     flate2::read::MultiGzDecoder::new(raw.as_slice())
         .read_to_end(&mut out)
         .with_context(|| format!("decompressing {} (gzip)", path.display()))?;
@@ -117,6 +132,10 @@ fn read_lines(bytes: &[u8], diag: &mut Diagnostics) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if line.len() > MAX_RECORD_BYTES {
+            diag.malformed(i + 1, too_long(line.len()))?;
             continue;
         }
         match serde_json::from_slice::<Value>(line) {
@@ -137,6 +156,10 @@ fn read_array(bytes: &[u8], diag: &mut Diagnostics) -> Result<Vec<Record>> {
     let mut out = Vec::with_capacity(spans.len());
     for (start, end) in spans {
         let line = lines.line_of(start);
+        if end - start > MAX_RECORD_BYTES {
+            diag.malformed(line, too_long(end - start))?;
+            continue;
+        }
         match serde_json::from_slice::<Value>(&bytes[start..end]) {
             Ok(value) => out.push(Record { line, value }),
             Err(e) => {

@@ -9,7 +9,7 @@ pub mod jsonl;
 pub mod preference;
 pub mod sft;
 
-pub use jsonl::{read_records, OnMalformed, Record, RecordError, Records};
+pub use jsonl::{read_records, OnMalformed, Record, RecordError, Records, MAX_RECORD_BYTES};
 pub use preference::{
     load_hh, load_pandalm, load_preferences, load_prompts, load_tldr, tldr_prompt, ChatRender,
     PandaLmStats, PreferencePair, PromptRecord, TldrStats, HH_ASSISTANT,

@@ -107,9 +107,13 @@ fn tokenize_record(
         Ok(o) => o,
         Err(e) => return Ok(Err(e)),
     };
-    let conversational = obj.contains_key("messages")
-        || matches!(obj.get("prompt"), Some(Value::Array(_)))
-        || matches!(obj.get("completion"), Some(Value::Array(_)));
+    // Only well-formed conversational records need the template; a record with a wrongly
+    // typed field (`{"prompt": 123, "completion": [...]}`) is malformed, and is reported so.
+    let conversational = matches!(obj.get("messages"), Some(Value::Array(_)))
+        || matches!(
+            (obj.get("prompt"), obj.get("completion")),
+            (Some(Value::Array(_)), Some(Value::Array(_)))
+        );
     if conversational && !tok.has_chat_template() {
         // The tokenizer's own error names the tokenizer's files.
         let why = tok

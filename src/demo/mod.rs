@@ -2,6 +2,7 @@
 //! preference augmentation on a 2% seed of "human" preferences, then SFT, DPO, IPO, online
 //! DPO, OSP and two OSP ablations at equal budgets, evaluated by the oracle.
 pub mod evaluate;
+pub mod methods;
 pub mod pipeline;
 pub mod report;
 pub mod seeds;

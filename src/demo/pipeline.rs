@@ -10,6 +10,7 @@
 use super::evaluate::{
     judge_own_samples, kl_estimate, oracle_pairs, outcomes, texts, EvalSet, JudgeSummary,
 };
+use super::methods::{default_methods, method_by_key};
 use super::tasks::{
     all_tasks, build_task_data, Task, TaskData, TaskSizes, HUMAN_TEMPERATURE, JUDGE_ANSWER_A,
     JUDGE_ANSWER_B, JUDGE_TEMPLATE,
@@ -34,7 +35,7 @@ use std::time::Instant;
 /// Command-line options of `osp demo`.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// The small budget the tests run (about 2 minutes).
+    /// The small budget the tests run (about a minute on 2 cores).
     pub quick: bool,
     pub out: PathBuf,
     pub seed: u64,
@@ -83,7 +84,8 @@ pub struct DemoBudget {
     /// Judge of the online methods: "self" (the current policy, the paper's default) or
     /// "initial" (πref, frozen).
     pub judge_model: crate::judge::JudgeModel,
-    /// Methods to run, by summary key (any of [`ALL_METHODS`]); default the seven of the issue.
+    /// Methods to run, by summary key (any of [`super::methods::ALL_METHODS`]); default the seven
+    /// of the issue.
     pub methods: Vec<String>,
     /// Study (0 = off): the hard-label online methods and OSP again at `method_lr` × this.
     pub collapse_lr_factor: f64,
@@ -150,7 +152,115 @@ impl DemoBudget {
         }
     }
 
-    /// Applies `field=value` overrides (values in TOML syntax).
+    /// Everything that would otherwise fail, or panic, minutes into a run, checked before
+    /// any work: counts at least 1, rates positive, shares in range, sizes that fit.
+    pub fn validate(&self) -> Result<()> {
+        use anyhow::bail;
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("sft_examples", self.sft_examples),
+            ("sft_steps", self.sft_steps),
+            ("sft_batch", self.sft_batch),
+            ("human_pairs", self.human_pairs),
+            ("pa_steps", self.pa_steps),
+            ("pa_batch", self.pa_batch),
+            ("method_steps", self.method_steps),
+            ("prompts_per_step", self.prompts_per_step),
+            ("lora_r", self.lora_r),
+            ("max_new_tokens", self.max_new_tokens),
+            ("eval_prompts", self.eval_prompts),
+            ("ood_prompts", self.ood_prompts),
+            ("curve_prompts", self.curve_prompts),
+            ("eval_every", self.eval_every),
+        ] {
+            if v == 0 {
+                bail!("demo budget: {name} must be at least 1");
+            }
+        }
+        if self.k < 3 {
+            bail!(
+                "demo budget: k = {} must be at least 3 (sample 0 is the pairing baseline and a pair needs two more)",
+                self.k
+            );
+        }
+        if !self.hidden_size.is_multiple_of(self.heads)
+            || !(self.hidden_size / self.heads).is_multiple_of(2)
+        {
+            bail!(
+                "demo budget: hidden_size {} must split into {} heads of an even size",
+                self.hidden_size,
+                self.heads
+            );
+        }
+        if self.lora_r > self.hidden_size {
+            bail!(
+                "demo budget: lora_r = {} exceeds hidden_size {}",
+                self.lora_r,
+                self.hidden_size
+            );
+        }
+        if self.max_new_tokens > DEMO_POSITIONS / 2 {
+            bail!(
+                "demo budget: max_new_tokens = {} leaves no room for the prompt in the model's {DEMO_POSITIONS} positions (at most {})",
+                self.max_new_tokens,
+                DEMO_POSITIONS / 2
+            );
+        }
+        for (name, v) in [
+            ("sft_lr", self.sft_lr),
+            ("pa_lr", self.pa_lr),
+            ("method_lr", self.method_lr),
+            ("beta", self.beta),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("demo budget: {name} must be a positive number, got {v}");
+            }
+        }
+        for (name, v, lo, hi, hi_open) in [
+            ("format_fraction", self.format_fraction, 0.0, 1.0, false),
+            ("seed_fraction", self.seed_fraction, 0.0, 1.0, false),
+            ("pa_sft_mix", self.pa_sft_mix, 0.0, 1.0, true),
+        ] {
+            if !(v >= lo && (v < hi || (!hi_open && v == hi))) {
+                let close = if hi_open { ')' } else { ']' };
+                bail!("demo budget: {name} must be in [{lo}, {hi}{close}, got {v}");
+            }
+        }
+        if !(self.collapse_lr_factor >= 0.0 && self.collapse_lr_factor.is_finite()) {
+            bail!(
+                "demo budget: collapse_lr_factor must be ≥ 0 (0 = off), got {}",
+                self.collapse_lr_factor
+            );
+        }
+        if let Some(&m) = self.epoch_multipliers.iter().find(|&&m| m == 0) {
+            bail!("demo budget: epoch_multipliers must all be at least 1, got {m}");
+        }
+        if self.methods.is_empty() {
+            bail!("demo budget: methods is empty: nothing would be compared");
+        }
+        for key in &self.methods {
+            method_by_key(key)?;
+        }
+        // Sizes computed from the budget, so that none can wrap around.
+        let longest = self.epoch_multipliers.iter().max().copied().unwrap_or(1);
+        let sizes = [
+            self.hidden_size.checked_mul(8),
+            self.method_steps.checked_mul(longest),
+            self.prompts_per_step.checked_mul(self.k),
+            self.method_steps
+                .checked_mul(longest)
+                .and_then(|s| s.checked_mul(self.prompts_per_step.checked_mul(self.k)?)),
+            self.human_pairs.checked_add(self.eval_prompts),
+        ];
+        if sizes.iter().any(Option::is_none) {
+            bail!("demo budget: the sizes overflow (hidden_size, method_steps × epoch_multipliers, prompts_per_step × k, human_pairs)");
+        }
+        Ok(())
+    }
+
+    /// Applies `field=value` overrides (values in TOML syntax) and validates the result.
     pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
         let mut t = toml::Table::try_from(&self)?;
         for o in overrides {
@@ -166,7 +276,9 @@ impl DemoBudget {
             }
             t.insert(k.trim().to_string(), v);
         }
-        Ok(toml::Value::Table(t).try_into()?)
+        let b: Self = toml::Value::Table(t).try_into()?;
+        b.validate()?;
+        Ok(b)
     }
 
     /// The adapters every LoRA stage trains (alpha = 2r).
@@ -184,44 +296,8 @@ impl DemoBudget {
     }
 }
 
-/// The methods compared by default, with their summary keys.
-pub const METHODS: [(&str, Option<Method>); 7] = [
-    ("sft", None),
-    ("dpo", Some(Method::Dpo)),
-    ("ipo", Some(Method::Ipo)),
-    ("online_dpo", Some(Method::OnlineDpo)),
-    ("osp", Some(Method::Osp)),
-    ("osp_hard", Some(Method::OspHard)),
-    ("osp_random_pairs", Some(Method::OspRandomPairs)),
-];
-
-/// Every method the demo can run (`methods` in the budget).
-pub const ALL_METHODS: [(&str, Option<Method>); 9] = [
-    METHODS[0],
-    METHODS[1],
-    METHODS[2],
-    METHODS[3],
-    METHODS[4],
-    METHODS[5],
-    METHODS[6],
-    ("cdpo", Some(Method::Cdpo)),
-    ("spce_offline", Some(Method::SpceOffline)),
-];
-
-fn default_methods() -> Vec<String> {
-    METHODS.iter().map(|(k, _)| k.to_string()).collect()
-}
-
-fn method_by_key(key: &str) -> Result<Option<Method>> {
-    ALL_METHODS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, m)| *m)
-        .with_context(|| {
-            let keys: Vec<&str> = ALL_METHODS.iter().map(|(k, _)| *k).collect();
-            format!("demo method `{key}`: expected one of {}", keys.join(", "))
-        })
-}
+/// Positions of the demo's models (and the longest tokenized example they train on).
+const DEMO_POSITIONS: usize = 256;
 
 fn judge_config() -> JudgeConfig {
     JudgeConfig {
@@ -285,7 +361,7 @@ fn init_model(dir: &Path, vocab: &[String], b: &DemoBudget, seed: u64) -> Result
         "model_type": "llama", "vocab_size": n, "hidden_size": b.hidden_size,
         "intermediate_size": (8 * b.hidden_size / 3).div_ceil(16) * 16, "num_hidden_layers": b.layers,
         "num_attention_heads": b.heads, "num_key_value_heads": b.heads, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true,
+        "rope_theta": 10000.0, "max_position_embeddings": DEMO_POSITIONS, "tie_word_embeddings": true,
         "bos_token_id": 2, "eos_token_id": 3,
     }))?;
     let model = Llama::new(
@@ -308,7 +384,7 @@ fn train_section(
         steps,
         batch_size: batch,
         seed,
-        max_len: 256,
+        max_len: DEMO_POSITIONS,
         eval_every,
         save_every: 0,
         out: out.to_path_buf(),
@@ -324,6 +400,8 @@ pub struct MethodResult {
     pub greedy_win_rate_vs_sft: f64,
     pub win_rate_vs_chosen: f64,
     pub oracle_reward: f64,
+    /// Standard error of `oracle_reward` (its standard deviation over prompts / √n).
+    pub oracle_reward_se: f64,
     pub kl: f64,
     pub mean_length: f64,
     pub ood_win_rate_vs_sft: f64,
@@ -458,6 +536,7 @@ impl TaskCtx<'_> {
             greedy_win_rate_vs_sft: gw,
             win_rate_vs_chosen: wc,
             oracle_reward: mean_std(&rewards).0,
+            oracle_reward_se: crate::eval::win_rate(&rewards).1,
             kl: kl_estimate(&snap, &self.reference, &self.heldout, &g)?,
             mean_length: mean_std(&g.iter().map(|g| g.tokens.len() as f64).collect::<Vec<_>>()).0,
             ood_win_rate_vs_sft: ow,
@@ -496,6 +575,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
     let mut strength_by_rank: Map<String, Value> = Map::new();
     let mut references = Map::new();
     let mut studies = Map::new();
+    let mut claims = Map::new();
     for task in tasks {
         let name = task.name();
         let dir = opts.out.join(name);
@@ -586,7 +666,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
                 ..Default::default()
             },
         };
-        let pa = run_judge_train(&pa_cfg, false)?;
+        let pa = run_judge_train(&pa_cfg, false, None)?;
         lap("augmentation_training", &mut clock);
 
         // Judge quality on held-out human pairs, oriented by the oracle.
@@ -699,6 +779,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             lap(&format!("method_{key}"), &mut clock);
         }
         let study = run_studies(&ctx, &results, &dir, start, seed_n)?;
+        claims.insert(name.to_string(), super::methods::claims(&results));
         tasks_out.insert(name.to_string(), Value::Object(results));
         if !study.is_empty() {
             studies.insert(name.to_string(), Value::Object(study));
@@ -714,6 +795,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         "strength_by_rank": strength_by_rank,
         "reference": references,
         "studies": studies,
+        "claims": claims,
         "tasks": tasks_out,
     });
     crate::io::save_json(&opts.out.join("summary.json"), &summary)?;

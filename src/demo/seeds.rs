@@ -2,7 +2,8 @@
 //! and spread of every headline number across seeds, and how often each of the paper's
 //! comparisons held, in `OUT/seeds.json` and `OUT/seeds.md`. Studies (`--studies`) run on the
 //! first seed only.
-use super::pipeline::{run_demo, DemoOptions, ALL_METHODS};
+use super::methods::{ALL_METHODS, CLAIMS};
+use super::pipeline::{run_demo, DemoOptions};
 use crate::eval::mean_std;
 use crate::report::markdown_table;
 use anyhow::Result;
@@ -18,31 +19,6 @@ const METRICS: [&str; 7] = [
     "kl",
     "mean_length",
     "ood_win_rate_vs_sft",
-];
-
-/// The paper's comparisons, as (claim, better method, worse method, metric).
-const CLAIMS: [(&str, &str, &str, &str); 6] = [
-    ("OSP beats SFT", "osp", "sft", "oracle_reward"),
-    ("OSP beats DPO", "osp", "dpo", "win_rate_vs_sft"),
-    (
-        "OSP beats online DPO",
-        "osp",
-        "online_dpo",
-        "win_rate_vs_sft",
-    ),
-    (
-        "soft strengths beat hard labels",
-        "osp",
-        "osp_hard",
-        "win_rate_vs_sft",
-    ),
-    (
-        "ranked pairing beats random pairing",
-        "osp",
-        "osp_random_pairs",
-        "win_rate_vs_sft",
-    ),
-    ("OSP beats IPO", "osp", "ipo", "win_rate_vs_sft"),
 ];
 
 fn get(s: &Value, task: &str, method: &str, metric: &str) -> Option<f64> {

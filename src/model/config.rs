@@ -178,32 +178,60 @@ impl ModelConfig {
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             bail!("field `rope_theta` must be positive");
         }
+        if self
+            .checked_num_parameters()
+            .and_then(|n| n.checked_mul(4))
+            .is_none()
+        {
+            bail!(
+                "the sizes (vocab_size {}, hidden_size {}, intermediate_size {}, {} layers, \
+                 head_dim {}) overflow: not a real model's config",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.head_dim
+            );
+        }
         Ok(())
     }
 
-    /// Number of parameters, counting a tied LM head once.
+    /// Number of parameters, counting a tied LM head once (`validate` guarantees it fits).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// Number of parameters, or None when a size computed from the config overflows (every
+    /// tensor size is a term of this sum, so it bounds them all).
+    pub fn checked_num_parameters(&self) -> Option<usize> {
         let (d, h, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_attention_heads * hd;
-        let kv = self.num_key_value_heads * hd;
-        let mut attn = d * q + 2 * d * kv + q * d;
-        if self.attention_bias {
-            attn += q + 2 * kv;
-        }
-        if self.o_bias {
-            attn += d;
-        }
-        let mut mlp = 3 * d * h;
-        if self.mlp_bias {
-            mlp += 2 * h + d;
-        }
-        let layer = attn + mlp + 2 * d;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
-        self.vocab_size * d + self.num_hidden_layers * layer + d + head
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let sum = |xs: &[usize]| xs.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+        let q = mul(self.num_attention_heads, hd)?;
+        let kv = mul(self.num_key_value_heads, hd)?;
+        let attn = sum(&[
+            mul(d, q)?,
+            mul(mul(2, d)?, kv)?,
+            mul(q, d)?,
+            if self.attention_bias {
+                sum(&[q, mul(2, kv)?])?
+            } else {
+                0
+            },
+            if self.o_bias { d } else { 0 },
+        ])?;
+        let mlp = sum(&[
+            mul(mul(3, d)?, h)?,
+            if self.mlp_bias {
+                sum(&[mul(2, h)?, d])?
+            } else {
+                0
+            },
+        ])?;
+        let layer = sum(&[attn, mlp, mul(2, d)?])?;
+        let embed = mul(self.vocab_size, d)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        sum(&[embed, mul(self.num_hidden_layers, layer)?, d, head])
     }
 
     /// A config.json that transformers reads back as this architecture.

@@ -57,3 +57,36 @@ pub fn copy_tokenizer_files(base: Option<&Path>, out: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Refuses to export onto an existing, non-empty `out` (a model folder it would overwrite)
+/// unless `force`.
+pub fn check_export_target(out: &Path, force: bool) -> Result<()> {
+    let occupied = if out.is_dir() {
+        std::fs::read_dir(out)
+            .with_context(|| format!("cannot read {}", out.display()))?
+            .next()
+            .is_some()
+    } else {
+        out.exists()
+    };
+    if occupied && !force {
+        anyhow::bail!(
+            "{} already exists and is not empty; refusing to overwrite it (pass --force to replace it)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `osp export --merge`: the merged model written to `out` whole or not at all (a previous
+/// `out` is replaced only once the new folder is complete).
+pub fn export_merged(
+    model: &Llama,
+    tok: &Tokenizer,
+    base: &Path,
+    out: &Path,
+    force: bool,
+) -> Result<()> {
+    check_export_target(out, force)?;
+    crate::io::write_dir_atomically(out, |tmp| save_hf_model(model, tok, Some(base), tmp))
+}

@@ -4,9 +4,11 @@ use super::config::ModelConfig;
 use super::llama::Weights;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+
+pub use crate::random::{normal_vec, uniform_vec};
 
 /// The shapes of every tensor `cfg` implies, under their Hugging Face names.
 pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
@@ -41,24 +43,6 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         out.push(("lm_head.weight".to_string(), vec![v, d]));
     }
     out
-}
-
-/// Standard normal draws by Box–Muller (no extra dependency, stable across rand versions).
-pub fn normal_vec(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
-            let u2: f32 = rng.random();
-            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-        })
-        .collect()
-}
-
-/// Uniform draws in [-bound, bound).
-pub fn uniform_vec(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
-        .collect()
 }
 
 /// Random weights: matrices ~ N(0, std²), norm weights 1, biases 0.

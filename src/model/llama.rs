@@ -30,7 +30,8 @@ impl Weights {
         }
     }
 
-    /// Removes and returns `name`, checking its shape.
+    /// Removes and returns `name`, checking its shape and that every value is finite (a
+    /// checkpoint of NaNs would otherwise generate nonsense without a word).
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self
             .map
@@ -42,6 +43,22 @@ impl Weights {
                 self.source,
                 t.dims(),
                 shape
+            );
+        }
+        // 0·x is 0 for every finite x and NaN otherwise.
+        let probe = t
+            .affine(0.0, 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if !probe.is_finite() {
+            let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            bail!(
+                "{}: tensor `{name}` has {bad} non-finite values (NaN or infinite) of {}; \
+                 the checkpoint is corrupt",
+                self.source,
+                values.len()
             );
         }
         Ok(t)
@@ -361,7 +378,7 @@ impl Llama {
             },
         };
         let embed_tokens = p.get("model.embed_tokens.weight", &[v, d])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new(); // not with_capacity: the count comes from a file
         for i in 0..cfg.num_hidden_layers {
             let pre = format!("model.layers.{i}");
             let a = format!("{pre}.self_attn");

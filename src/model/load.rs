@@ -241,14 +241,26 @@ pub fn read_llama2c(path: &Path, device: &Device) -> Result<(ModelConfig, Weight
     };
     cfg.validate()
         .with_context(|| format!("in {}", path.display()))?;
-    let per_layer = 2 * dim + dim * dim * 2 + dim * kv_dim * 2 + 3 * dim * hidden;
-    let base = vocab * dim + layers * per_layer + dim + seq_len * hd;
-    let expected = base + if shared { 0 } else { vocab * dim };
+    let expected = llama2c_floats(dim, hidden, layers, kv_dim, vocab, seq_len, hd, shared)
+        .with_context(|| {
+            format!(
+                "{}: the header's sizes overflow (header {header:?}): not a llama2.c checkpoint",
+                path.display()
+            )
+        })?;
     let have = (bytes.len() - 28) / 4;
     if have < expected {
         bail!(
             "{}: truncated: the header implies {expected} floats of weights, the file holds {have}",
             path.display()
+        );
+    }
+    if bytes.len() - 28 != expected * 4 {
+        bail!(
+            "{}: {} bytes after the {expected} floats of weights the header implies: \
+             not a llama2.c checkpoint of this header (or a corrupt one)",
+            path.display(),
+            bytes.len() - 28 - expected * 4
         );
     }
     let floats: Vec<f32> = bytes[28..28 + expected * 4]
@@ -331,6 +343,41 @@ pub fn read_llama2c(path: &Path, device: &Device) -> Result<(ModelConfig, Weight
         put("lm_head.weight".into(), w, &[vocab, dim])?;
     }
     Ok((cfg, Weights::new(map, path.display().to_string())))
+}
+
+/// Floats of weights a llama2.c header implies, or None when the sizes overflow (a corrupt
+/// header must not wrap around into a small, plausible size).
+#[allow(clippy::too_many_arguments)]
+fn llama2c_floats(
+    dim: usize,
+    hidden: usize,
+    layers: usize,
+    kv_dim: usize,
+    vocab: usize,
+    seq_len: usize,
+    hd: usize,
+    shared: bool,
+) -> Option<usize> {
+    let mul = |a: usize, b: usize| a.checked_mul(b);
+    let per_layer = [
+        mul(2, dim)?,
+        mul(mul(dim, dim)?, 2)?,
+        mul(mul(dim, kv_dim)?, 2)?,
+        mul(mul(3, dim)?, hidden)?,
+    ]
+    .into_iter()
+    .try_fold(0usize, usize::checked_add)?;
+    let embed = mul(vocab, dim)?;
+    [
+        embed,
+        mul(layers, per_layer)?,
+        dim,
+        mul(seq_len, hd)?,
+        if shared { 0 } else { embed },
+    ]
+    .into_iter()
+    .try_fold(0usize, usize::checked_add)
+    .filter(|&n| n.checked_mul(4).is_some())
 }
 
 /// Reorders the rows of a [heads·hd, cols] projection from llama2.c's interleaved rotary pairs

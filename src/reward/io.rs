@@ -228,7 +228,7 @@ fn load_lora(
     )?;
     let score = placeholder.as_tensor().clone();
     backbone.add_var(PEFT_SCORE, placeholder)?;
-    crate::lora::load_adapter(&backbone, dir)?;
+    crate::model::load_adapter(&backbone, dir)?;
     let rm = RewardModel::new(backbone, score, m.pad_token_id)?;
     Ok(LoadedReward {
         model: rm.snapshot()?,

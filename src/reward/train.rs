@@ -92,6 +92,12 @@ pub struct RmTrainConfig {
     pub data: RmData,
 }
 
+impl crate::train::resume::RunConfig for RmTrainConfig {
+    fn command(&self) -> &'static str {
+        "rm-train"
+    }
+}
+
 /// The documented defaults (configs/rm.toml), printed by `osp rm-train --print-config`.
 pub const RM_TEMPLATE: &str = include_str!("../../configs/rm.toml");
 

@@ -26,6 +26,9 @@ pub struct CheckpointState {
     /// Anything else the trainer keeps (sampling streams, counters).
     #[serde(default)]
     pub extra: Value,
+    /// The command, method and resolved config of the run (checked by `--resume`).
+    #[serde(default)]
+    pub run: Option<super::resume::RunRecord>,
 }
 
 fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -102,13 +105,18 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
-/// Restores weights, optimiser and the LoRA dropout stream from `dir`; returns the state.
-pub fn load(dir: &Path, model: &Llama, optim: &mut AdamW) -> Result<CheckpointState> {
+/// The state of the checkpoint in `dir` (no tensors).
+pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("cannot read {}", state_path.display()))?;
-    let state: CheckpointState = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a checkpoint state", state_path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a checkpoint state", state_path.display()))
+}
+
+/// Restores weights, optimiser and the LoRA dropout stream from `dir`; returns the state.
+pub fn load(dir: &Path, model: &Llama, optim: &mut AdamW) -> Result<CheckpointState> {
+    let state = read_state(dir)?;
     let read = |f: &str| -> Result<HashMap<String, candle_core::Tensor>> {
         Ok(
             crate::model::load::read_safetensors(&dir.join(f), model.device())?

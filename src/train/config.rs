@@ -44,6 +44,26 @@ impl Default for ModelSection {
     }
 }
 
+impl ModelSection {
+    /// model.path is required; no path may be given as "".
+    pub fn validate(&self) -> Result<()> {
+        if self.path.as_os_str().is_empty() {
+            bail!("model.path is required");
+        }
+        no_empty_path("model.tokenizer", self.tokenizer.as_deref())?;
+        no_empty_path("model.adapter", self.adapter.as_deref())
+    }
+}
+
+/// Refuses an optional path setting given as "" (left alone, it surfaced as "reading : No
+/// such file").
+pub fn no_empty_path(name: &str, path: Option<&Path>) -> Result<()> {
+    if path.is_some_and(|p| p.as_os_str().is_empty()) {
+        bail!("{name} is empty: name a file, or leave the field out");
+    }
+    Ok(())
+}
+
 /// What to do when a loss or gradient is NaN or infinite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,13 +80,18 @@ pub enum OnNonFinite {
 pub struct TrainSection {
     /// Optimiser steps. Default 100.
     pub steps: usize,
-    /// Sequences per micro-batch. Default 8.
+    /// Sequences per micro-batch (`osp train`: prompts per iteration online, pairs per
+    /// micro-batch offline). Default 8 (`osp train`: 4).
     pub batch_size: usize,
     /// Micro-batches per optimiser step (gradient accumulation). Default 1.
     pub grad_accum: usize,
     /// Seed of data order, initialisation, dropout and sampling. Default 0.
     pub seed: u64,
-    /// Longest tokenized example; longer ones are truncated. Default 512.
+    /// Longest tokenized sequence, at most the model's max_position_embeddings. Longer SFT
+    /// examples keep their first max_len tokens; preference pairs keep the end of the prompt
+    /// (at most half of max_len) and cut the responses to fit; online prompts keep their
+    /// end, leaving room for sampling.max_new_tokens; judge prompts lose the start of the
+    /// task prompt. Default 512.
     pub max_len: usize,
     /// Evaluate every N steps (0: only at the end). Default 50.
     pub eval_every: usize,
@@ -109,6 +134,9 @@ impl TrainSection {
             if v == 0 {
                 bail!("{name} must be at least 1");
             }
+        }
+        if self.out.as_os_str().is_empty() {
+            bail!("train.out is empty: name the run folder (it would otherwise be the current folder)");
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ impl Default for JudgeTrainData {
             sft_mix: 0.5,
             sft: None,
             soft_targets: true,
-            on_malformed: OnMalformed::Skip,
+            on_malformed: OnMalformed::default(),
         }
     }
 }
@@ -66,15 +66,21 @@ pub struct JudgeTrainConfig {
     pub data: JudgeTrainData,
 }
 
+impl super::resume::RunConfig for JudgeTrainConfig {
+    fn command(&self) -> &'static str {
+        "judge-train"
+    }
+}
+
 impl JudgeTrainConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let cfg: Self = load_config(path, overrides)?;
-        if cfg.model.path.as_os_str().is_empty() {
-            bail!("model.path is required");
-        }
+        cfg.model.validate()?;
+        cfg.train.validate()?;
         if cfg.data.preferences.as_os_str().is_empty() {
             bail!("data.preferences is required");
         }
+        super::config::no_empty_path("data.sft", cfg.data.sft.as_deref())?;
         if !(0.0..1.0).contains(&cfg.data.sft_mix) {
             bail!("data.sft_mix must be in [0, 1), got {}", cfg.data.sft_mix);
         }
@@ -135,7 +141,8 @@ pub struct JudgeTrainOutcome {
     pub run_dir: PathBuf,
     pub output: PathBuf,
     pub before: JudgeReport,
-    pub after: JudgeReport,
+    /// None when the run stopped early (`stop_after`).
+    pub after: Option<JudgeReport>,
 }
 
 fn report(
@@ -147,8 +154,14 @@ fn report(
     judge.evaluate(&model.snapshot()?, tok, pairs)
 }
 
-/// Runs preference augmentation; reports the judge on held-out pairs before and after.
-pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrainOutcome> {
+/// Runs (or, with `resume`, continues) preference augmentation; reports the judge on
+/// held-out pairs before and after. `stop_after` ends this invocation after that many
+/// optimiser steps with a checkpoint (then `output` is empty and `after` is None).
+pub fn run_judge_train(
+    cfg: &JudgeTrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<JudgeTrainOutcome> {
     let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed, false)?;
     let tok = &lm.tokenizer;
     let judge = Judge::new(cfg.judge.clone(), tok)?;
@@ -207,13 +220,16 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
         "judge-train",
         cfg,
     )?;
+    let fresh = data.is_none();
     let (mut jc, mut sc): (DataCursor, DataCursor) = data.unwrap_or_else(|| {
         (
             DataCursor::new(cfg.train.seed),
             DataCursor::new(cfg.train.seed.wrapping_add(1)),
         )
     });
-    trainer.log(json!({"step": trainer.step(), "judge_before": before}))?;
+    if fresh {
+        trainer.log(json!({"step": 0, "judge_before": before}))?;
+    }
     let n_sft = if sft_ex.is_empty() {
         0
     } else {
@@ -221,6 +237,14 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
     };
     let n_judge = cfg.train.batch_size.saturating_sub(n_sft).max(1);
     while !trainer.done() {
+        if trainer.stop_requested(stop_after, serde_json::to_value((jc, sc))?)? {
+            return Ok(JudgeTrainOutcome {
+                run_dir: trainer.run_dir.clone(),
+                output: PathBuf::new(),
+                before,
+                after: None,
+            });
+        }
         trainer.model.set_training(true);
         let (mut jl, mut sl) = (0f64, 0f64);
         for _ in 0..cfg.train.grad_accum {
@@ -276,7 +300,7 @@ pub fn run_judge_train(cfg: &JudgeTrainConfig, resume: bool) -> Result<JudgeTrai
         run_dir: trainer.run_dir.clone(),
         output,
         before,
-        after,
+        after: Some(after),
     })
 }
 

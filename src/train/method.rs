@@ -81,7 +81,7 @@ impl Default for PrefData {
             prompts: None,
             format: DataFormat::Auto,
             eval_fraction: 0.05,
-            on_malformed: OnMalformed::Skip,
+            on_malformed: OnMalformed::default(),
         }
     }
 }
@@ -132,6 +132,18 @@ impl Default for TrainConfig {
 /// The documented defaults (configs/train.toml), printed by `osp train --print-config`.
 pub const TRAIN_TEMPLATE: &str = include_str!("../../configs/train.toml");
 
+impl super::resume::RunConfig for TrainConfig {
+    fn command(&self) -> &'static str {
+        "train"
+    }
+
+    fn method(&self) -> Option<String> {
+        serde_json::to_value(self.method)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+    }
+}
+
 impl TrainConfig {
     /// Reads the config, applies overrides and `method` (from the command line, when given),
     /// and aligns the loss and pairing with the method. A loss the method does not use is
@@ -167,9 +179,10 @@ impl TrainConfig {
             }
             _ => {}
         }
-        if self.model.path.as_os_str().is_empty() {
-            bail!("model.path is required");
-        }
+        self.model.validate()?;
+        self.train.validate()?;
+        super::config::no_empty_path("data.prompts", self.data.prompts.as_deref())?;
+        super::config::no_empty_path("data.preferences", self.data.preferences.as_deref())?;
         if self.method.is_online() {
             if self.data.prompts.is_none() && self.data.preferences.is_none() {
                 bail!(

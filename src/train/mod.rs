@@ -9,5 +9,6 @@ pub mod online;
 pub mod optim;
 pub mod pairs;
 pub mod policy;
+pub mod resume;
 pub mod sft;
 pub mod trainer;

@@ -133,6 +133,13 @@ pub fn run_offline_with(
             Err(why) => eprintln!("warning: skipped {why}"),
         }
     }
+    if all.is_empty() {
+        let first = warnings
+            .first()
+            .map(|w| format!(" (first problem: {w})"))
+            .unwrap_or_default();
+        bail!("{}: no usable preference pairs{first}", path.display());
+    }
     if cfg.method == Method::SpceOffline {
         let missing = all.iter().filter(|p| p.strength.is_none()).count();
         if missing == all.len() {

@@ -179,6 +179,14 @@ impl OnlineRun {
             pairs.extend(self.pair_prompt(judge_model, p, cands, baseline, step, &mut stats)?);
         }
         let judge_secs = t.elapsed().as_secs_f64();
+        if !pairs.is_empty() && pairs.iter().all(|q| (q.strength - 0.5).abs() < 1e-9) {
+            let msg = format!(
+                "warning: step {}: every judged strength is 0.5 (identical or empty samples?); \
+                 the step has no preference to learn from",
+                step + 1
+            );
+            self.trainer.progress.suspend(|| eprintln!("{msg}"));
+        }
         if self.cfg.method == Method::OspHard {
             pairs
                 .iter_mut()
@@ -412,6 +420,13 @@ fn load_prompt_texts(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Vec<String>> 
         };
     for w in warnings.iter().take(5) {
         eprintln!("warning: {w}");
+    }
+    if texts.is_empty() {
+        let first = warnings
+            .first()
+            .map(|w| format!(" (first problem: {w})"))
+            .unwrap_or_default();
+        anyhow::bail!("no usable prompts{first}");
     }
     Ok(texts)
 }

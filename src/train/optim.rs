@@ -50,7 +50,7 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
-    /// Peak learning rate, reached at the end of warm-up. Default `1e-4`.
+    /// Peak learning rate, reached at the end of warm-up. Default `1e-4` (`osp train`: 5e-5).
     pub lr: f64,
     /// Decoupled (AdamW) weight decay: before the Adam update, `p -= lr * weight_decay * p`.
     /// Applied only to tensors of rank >= 2 (matrices, embeddings), never to biases or norm

@@ -27,7 +27,9 @@ pub enum DataFormat {
     Pandalm,
 }
 
-/// Reads preference pairs and warnings (skipped records, ties).
+/// Reads preference pairs and warnings (skipped records, ties). Pairs whose chosen and
+/// rejected responses are the same text are dropped (they carry no preference and train
+/// with zero gradient); their count leads the warnings.
 pub fn load_pairs(
     path: &Path,
     format: DataFormat,
@@ -45,7 +47,7 @@ pub fn load_pairs(
         DataFormat::Auto => DataFormat::Trl,
         f => f,
     };
-    Ok(match format {
+    let (mut pairs, mut warnings) = match format {
         DataFormat::Hh => load_hh(path, on_malformed)?,
         DataFormat::Tldr => {
             let (p, _, w) = load_tldr(path, on_malformed)?;
@@ -56,7 +58,24 @@ pub fn load_pairs(
             (p, w)
         }
         _ => load_preferences(path, ChatRender::for_tokenizer(tok), on_malformed)?,
-    })
+    };
+    let before = pairs.len();
+    let first = pairs
+        .iter()
+        .find(|p| p.chosen == p.rejected)
+        .map(|p| p.source.clone());
+    pairs.retain(|p| p.chosen != p.rejected);
+    if let Some(first) = first {
+        warnings.insert(
+            0,
+            format!(
+                "{}: skipped {} pairs whose chosen and rejected responses are identical (first: {first})",
+                path.display(),
+                before - pairs.len()
+            ),
+        );
+    }
+    Ok((pairs, warnings))
 }
 
 /// A pair as token ids: the prompt (with BOS) and each response (with EOS when the

@@ -34,7 +34,7 @@ pub fn load_policy(
         bail!("model.adapter with model.train = \"full\" needs the adapter merged first (osp export --merge)");
     }
     let lm = load_model(&m.path, m.tokenizer.as_deref(), &device, adapter)?;
-    crate::lora::load_adapter(&lm.model, dir)?;
+    crate::model::load_adapter(&lm.model, dir)?;
     if !merge_start {
         return Ok(lm);
     }
@@ -52,7 +52,7 @@ pub fn load_policy(
 }
 
 /// Saves what a run trained: a PEFT adapter folder (`RUN/adapter`) or a full Hugging Face
-/// model folder (`RUN/model`).
+/// model folder (`RUN/model`), written whole or not at all (see `io::write_dir_atomically`).
 pub fn save_trained(
     model: &Llama,
     tok: &crate::tokenizer::Tokenizer,
@@ -61,11 +61,15 @@ pub fn save_trained(
 ) -> Result<PathBuf> {
     if model.lora_config().is_some() {
         let dir = run_dir.join("adapter");
-        crate::lora::save_adapter(model, &dir, &m.path.display().to_string())?;
+        crate::io::write_dir_atomically(&dir, |tmp| {
+            crate::model::save_adapter(model, tmp, &m.path.display().to_string())
+        })?;
         Ok(dir)
     } else {
         let dir = run_dir.join("model");
-        crate::model::export::save_hf_model(model, tok, Some(&m.path), &dir)?;
+        crate::io::write_dir_atomically(&dir, |tmp| {
+            crate::model::export::save_hf_model(model, tok, Some(&m.path), tmp)
+        })?;
         Ok(dir)
     }
 }

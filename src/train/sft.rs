@@ -33,7 +33,7 @@ impl Default for SftData {
             train: PathBuf::new(),
             eval: None,
             eval_fraction: 0.1,
-            on_malformed: OnMalformed::Skip,
+            on_malformed: OnMalformed::default(),
         }
     }
 }
@@ -52,15 +52,21 @@ pub struct SftConfig {
 /// The documented defaults (configs/sft.toml), printed by `osp sft --print-config`.
 pub const SFT_TEMPLATE: &str = include_str!("../../configs/sft.toml");
 
+impl super::resume::RunConfig for SftConfig {
+    fn command(&self) -> &'static str {
+        "sft"
+    }
+}
+
 impl SftConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let cfg: Self = load_config(path, overrides)?;
-        if cfg.model.path.as_os_str().is_empty() {
-            bail!("model.path is required");
-        }
+        cfg.model.validate()?;
+        cfg.train.validate()?;
         if cfg.data.train.as_os_str().is_empty() {
             bail!("data.train is required");
         }
+        super::config::no_empty_path("data.eval", cfg.data.eval.as_deref())?;
         if !(0.0..1.0).contains(&cfg.data.eval_fraction) {
             bail!(
                 "data.eval_fraction must be in [0, 1), got {}",
@@ -134,7 +140,14 @@ pub fn run_sft(cfg: &SftConfig, resume: bool, stop_after: Option<usize>) -> Resu
     };
     print_warnings(&warnings);
     if train.is_empty() {
-        bail!("{}: no usable training examples", cfg.data.train.display());
+        let first = warnings
+            .first()
+            .map(|w| format!(" (first problem: {w})"))
+            .unwrap_or_default();
+        bail!(
+            "{}: no usable training examples{first}",
+            cfg.data.train.display()
+        );
     }
     let (mut trainer, data) =
         Trainer::start(lm.model.clone(), &cfg.optim, &cfg.train, resume, "sft", cfg)?;

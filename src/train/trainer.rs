@@ -4,6 +4,7 @@ use super::checkpoint::{self, CheckpointState};
 use super::config::{OnNonFinite, TrainSection};
 use super::metrics::{progress_bar, MetricsLog};
 use super::optim::{AdamW, GradAccumulator, OptimConfig, OptimError, StepStats};
+use super::resume::{RunConfig, RunRecord};
 use crate::model::Llama;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -30,6 +31,8 @@ pub struct Trainer {
     step_tokens: usize,
     /// Optimiser steps done when this invocation started (for `--stop-after`).
     first_step: usize,
+    /// What every checkpoint records about the run (set by `start`).
+    record: Option<RunRecord>,
 }
 
 impl Trainer {
@@ -46,6 +49,13 @@ impl Trainer {
         optim_cfg.validate()?;
         if model.vars().is_empty() {
             bail!("the model has no trainable parameters");
+        }
+        let positions = model.cfg.max_position_embeddings;
+        if cfg.max_len > positions {
+            bail!(
+                "train.max_len = {} exceeds the model's max_position_embeddings ({positions})",
+                cfg.max_len
+            );
         }
         let run_dir = cfg.out.clone();
         std::fs::create_dir_all(&run_dir)
@@ -82,22 +92,32 @@ impl Trainer {
             step_start: Instant::now(),
             step_tokens: 0,
             first_step: 0,
+            record: None,
         };
         trainer.first_step = trainer.step();
         Ok((trainer, state))
     }
 
-    /// `new`, plus what every trainer does next: write the resolved config into the run folder
-    /// and read back the checkpoint's data position (None for a fresh run).
+    /// `new`, plus what every trainer does next: refuse to resume a different run (see
+    /// `resume`), write the resolved config into the run folder and read back the
+    /// checkpoint's data position (None for a fresh run).
     pub fn start<D: serde::de::DeserializeOwned>(
         model: Llama,
         optim_cfg: &OptimConfig,
         cfg: &TrainSection,
         resume: bool,
         what: &str,
-        resolved: &impl serde::Serialize,
+        resolved: &impl RunConfig,
     ) -> Result<(Self, Option<D>)> {
-        let (trainer, state) = Self::new(model, optim_cfg, cfg, resume, what)?;
+        let record = RunRecord::of(resolved)?;
+        if resume {
+            if let Some(dir) = checkpoint::latest(&cfg.out)? {
+                let state = checkpoint::read_state(&dir)?;
+                record.check_continues(state.run.as_ref(), state.step, &dir)?;
+            }
+        }
+        let (mut trainer, state) = Self::new(model, optim_cfg, cfg, resume, what)?;
+        trainer.record = Some(record);
         super::config::write_resolved(&trainer.run_dir, resolved)?;
         let data = match state {
             Some(s) => {
@@ -231,6 +251,7 @@ impl Trainer {
                 .map(|c| c.rng_state())
                 .transpose()?,
             extra,
+            run: self.record.clone(),
         };
         let keep = self.cfg.keep_checkpoints;
         checkpoint::save(&self.run_dir, &self.model, &self.optim, &state, keep).map(Some)

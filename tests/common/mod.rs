@@ -7,15 +7,38 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A file under ../shared/data, or None (with a message) where the folder is absent.
+/// Whether a missing ../shared/data file fails the test rather than skipping it: under CI
+/// (`CI` set to anything but "" / "0" / "false") or with `OSP_REQUIRE_DATA=1`.
+pub fn data_required() -> bool {
+    let set = |k: &str| {
+        std::env::var(k)
+            .is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+    };
+    set("CI") || set("OSP_REQUIRE_DATA")
+}
+
+/// A file under ../shared/data. Where it is absent the test cannot test anything: under CI
+/// (see [`data_required`]) that is a failure; elsewhere this returns None after printing
+/// which test skips and why, and the test returns early.
 pub fn shared_data(rel: &str) -> Option<PathBuf> {
     let p = repo().join("../shared/data").join(rel);
     if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("skipping: {} is absent", p.display());
-        None
+        return Some(p);
     }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
+    assert!(
+        !data_required(),
+        "{test}: {} is absent, and CI (or OSP_REQUIRE_DATA=1) requires it: the test would pass without testing",
+        p.display()
+    );
+    eprintln!(
+        "SKIPPED {test}: {} is absent (with CI or OSP_REQUIRE_DATA=1 set this fails)",
+        p.display()
+    );
+    None
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -61,4 +84,42 @@ pub fn max_abs_value(t: &candle_core::Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
+}
+
+/// Words of the tiny run model's vocabulary: the demo's judge-template words and a few more.
+pub const TINY_WORDS: &[&str] = &[
+    "cat", "dog", "sat", "ran", "on", "mat", "red", "blue", "big", "small", "good", "bad", "yes",
+    "no", "very", "and", ".",
+];
+
+/// A tiny Hugging Face model folder (word-level tokenizer over [`TINY_WORDS`] and the judge
+/// words, random weights) written into `dir`, for fast end-to-end training tests that need
+/// no downloaded data.
+pub fn tiny_run_model(dir: &std::path::Path, seed: u64) -> PathBuf {
+    use osp::demo::tasks::JUDGE_WORDS;
+    let words: Vec<String> = JUDGE_WORDS
+        .iter()
+        .chain(TINY_WORDS)
+        .map(|w| w.to_string())
+        .collect();
+    let n = osp::demo::wordlevel::write_tokenizer(dir, &words).unwrap();
+    let cfg = ModelConfig::from_json(&serde_json::json!({
+        "model_type": "llama", "vocab_size": n, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": true, "bos_token_id": 2, "eos_token_id": 3,
+    }))
+    .unwrap();
+    let w = random_weights(&cfg, seed, 0.2, &candle_core::Device::Cpu).unwrap();
+    let model = Llama::new(&cfg, w, Trainable::None).unwrap();
+    let tok = osp::tokenizer::Tokenizer::from_hf_dir(dir).unwrap();
+    osp::model::export::save_hf_model(&model, &tok, Some(dir), dir).unwrap();
+    dir.to_path_buf()
+}
+
+/// Writes `rows` as JSON Lines to `path`.
+pub fn write_jsonl(path: &std::path::Path, rows: &[serde_json::Value]) -> PathBuf {
+    let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
 }
