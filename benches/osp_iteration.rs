@@ -138,7 +138,7 @@ fn main() -> Result<()> {
     let mut times = vec![];
     for i in 0..repeats + 1 {
         let t = Instant::now();
-        let m = run.iteration(&batch)?;
+        let m = run.step_on(std::slice::from_ref(&batch))?;
         let dt = t.elapsed().as_secs_f64();
         let phases: Vec<String> = m
             .iter()

@@ -2,7 +2,7 @@
 //! the current policy, judge them with the model itself, pair them, and take one optimiser
 //! step on the preference loss against πref.
 use super::method::{Method, TrainConfig};
-use super::pairs::{load_pairs, pair_logps, pair_logps_detached, reference_for, tokens_of};
+use super::pairs::{load_pairs, reference_for, response_logps};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
@@ -25,12 +25,18 @@ pub const STRENGTH_BINS: usize = 10;
 
 /// A pair produced online, as tokens, with its judged strength and rank.
 struct OnlinePair {
-    prompt: usize,
-    chosen: Vec<u32>,
-    rejected: Vec<u32>,
+    /// Indices of the chosen and rejected samples (within the prompt's, then the
+    /// micro-batch's samples).
+    chosen: usize,
+    rejected: usize,
     strength: f64,
     rank: usize,
 }
+
+/// Seeds of the evaluation samples: fixed across evaluations, apart from training's.
+const EVAL_SEED_SALT: u64 = 0x0e7a_1000;
+/// Held-out prompts sampled per batch during evaluation.
+const EVAL_CHUNK: usize = 64;
 
 /// What the judging stage measured.
 #[derive(Default)]
@@ -39,6 +45,117 @@ struct JudgeStats {
     position_biased: usize,
     prompt_tokens: usize,
     abs_margin_sum: f64,
+}
+
+/// Seconds spent in each phase of a step, summed over its micro-batches.
+#[derive(Default, Clone, Copy)]
+struct PhaseSecs {
+    sample: f64,
+    judge: f64,
+    logprob: f64,
+    train: f64,
+}
+
+/// What a step's micro-batches measured, turned into one metrics line by [`StepLog::metrics`].
+#[derive(Default)]
+struct StepLog {
+    judge: JudgeStats,
+    /// (strength, rank) of every pair.
+    strengths: Vec<(f64, usize)>,
+    /// Σ log πθ − log πref of every sample.
+    kl: Vec<f64>,
+    /// Tokens of every sample.
+    lengths: Vec<f64>,
+    /// The loss metrics of each micro-batch that produced a loss.
+    losses: Vec<Map<String, Value>>,
+    sampled_tokens: usize,
+    train_tokens: usize,
+    secs: PhaseSecs,
+}
+
+impl StepLog {
+    fn add_loss_metrics(&mut self, m: Map<String, Value>) {
+        self.losses.push(m);
+    }
+
+    /// One metrics line, TRL's names where TRL has one: loss metrics averaged over the
+    /// micro-batches (as offline training averages them), the rest over every sample or pair.
+    fn metrics(&self, k: usize) -> Map<String, Value> {
+        let mut m = Map::new();
+        for l in &self.losses {
+            for (key, v) in l {
+                let add = v.as_f64().unwrap_or(0.0) / self.losses.len() as f64;
+                let cur = m.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+                m.insert(key.clone(), json!(cur + add));
+            }
+        }
+        m.insert("objective/kl".into(), json!(mean(&self.kl)));
+        let s: Vec<f64> = self.strengths.iter().map(|q| q.0).collect();
+        m.insert("judge/strength_mean".into(), json!(mean(&s)));
+        m.insert("judge/strength_hist".into(), json!(histogram(&s)));
+        let by_rank: Vec<Vec<usize>> = (0..k / 2)
+            .map(|r| {
+                let v: Vec<f64> = self
+                    .strengths
+                    .iter()
+                    .filter(|q| q.1 == r)
+                    .map(|q| q.0)
+                    .collect();
+                histogram(&v)
+            })
+            .collect();
+        m.insert("judge/strength_by_rank".into(), json!(by_rank));
+        let j = &self.judge;
+        m.insert(
+            "judge/abs_margin_mean".into(),
+            json!(j.abs_margin_sum / j.judgements.max(1) as f64),
+        );
+        m.insert(
+            "judge/position_bias_rate".into(),
+            json!(j.position_biased as f64 / j.judgements.max(1) as f64),
+        );
+        m.insert("completions/mean_length".into(), json!(mean(&self.lengths)));
+        m.insert("pairs".into(), json!(self.strengths.len()));
+        m.insert("completions/count".into(), json!(self.lengths.len()));
+        let per_s = |n: usize, secs: f64| json!(n as f64 / secs.max(1e-9));
+        let t = self.secs;
+        m.insert(
+            "speed/sampling_tokens_per_s".into(),
+            per_s(self.sampled_tokens, t.sample),
+        );
+        m.insert(
+            "speed/judging_tokens_per_s".into(),
+            per_s(j.prompt_tokens, t.judge),
+        );
+        m.insert(
+            "speed/training_tokens_per_s".into(),
+            per_s(self.train_tokens, t.logprob + t.train),
+        );
+        for (phase, secs) in [
+            ("sample", t.sample),
+            ("judge", t.judge),
+            ("logprob", t.logprob),
+            ("train", t.train),
+        ] {
+            m.insert(format!("speed/{phase}_seconds"), json!(secs));
+        }
+        m
+    }
+
+    /// The progress bar's message: loss, KL and where the step's time went.
+    fn progress_message(&self, m: &Map<String, Value>) -> String {
+        let f = |k: &str| m.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let t = self.secs;
+        format!(
+            "loss {:.4} kl {:.3} | sample {:.1}s judge {:.1}s logprob {:.1}s train {:.1}s",
+            f("loss"),
+            f("objective/kl"),
+            t.sample,
+            t.judge,
+            t.logprob,
+            t.train
+        )
+    }
 }
 
 /// An online run in progress.
@@ -51,9 +168,9 @@ pub struct OnlineRun {
     reference: Llama,
     /// The starting model as a snapshot, when it judges (judge.model = "initial").
     initial_judge: Option<Llama>,
-    prompts: Vec<(String, Vec<u32>)>,
+    pub prompts: Vec<(String, Vec<u32>)>,
     pub eval_prompts: Vec<(String, Vec<u32>)>,
-    cursor: DataCursor,
+    pub cursor: DataCursor,
 }
 
 impl OnlineRun {
@@ -85,6 +202,9 @@ impl OnlineRun {
             }
             encoded.push((t, ids));
         }
+        if let Some(w) = pairing_warning(cfg) {
+            eprintln!("warning: {w}");
+        }
         let (prompts, eval_prompts) = split_eval(encoded, cfg.data.eval_fraction, cfg.train.seed);
         anyhow::ensure!(!prompts.is_empty(), "no training prompts");
         let what = format!("{:?}", cfg.method);
@@ -103,9 +223,9 @@ impl OnlineRun {
         })
     }
 
-    /// Runs iterations until `train.steps` (or `stop_after` more), checkpointing as
-    /// configured; saves the adapter (or model) at the end. Returns the output folder, or None
-    /// when stopped early.
+    /// Runs iterations until `train.steps` (or `stop_after` more), evaluating and
+    /// checkpointing as configured; saves the adapter (or model) at the end. Returns the
+    /// output folder, or None when stopped early.
     pub fn run(
         &mut self,
         stop_after: Option<usize>,
@@ -118,10 +238,13 @@ impl OnlineRun {
             {
                 return Ok(None);
             }
-            let batch = self
-                .cursor
-                .next_batch(self.prompts.len(), self.cfg.train.batch_size);
-            if self.iteration(&batch)?.is_some() {
+            if self.iteration()?.is_some() {
+                if self.trainer.eval_due() {
+                    if let Some(mut m) = self.evaluate()? {
+                        m.insert("step".into(), json!(self.trainer.step()));
+                        self.trainer.log(Value::Object(m))?;
+                    }
+                }
                 on_step(self)?;
             }
             let done = self.trainer.done();
@@ -143,15 +266,49 @@ impl OnlineRun {
         Ok(())
     }
 
-    /// One online iteration, top to bottom: sample → judge → pair → log-probs → loss → step.
+    /// One online iteration, top to bottom: for each of `train.grad_accum` micro-batches of
+    /// prompts, sample → judge → pair → log-probs → loss → backward; then one optimiser step.
     /// Returns None when the step was skipped (non-finite values under on_nonfinite = "skip").
-    pub fn iteration(&mut self, batch: &[usize]) -> Result<Option<Map<String, Value>>> {
+    pub fn iteration(&mut self) -> Result<Option<Map<String, Value>>> {
+        let batches: Vec<Vec<usize>> = (0..self.cfg.train.grad_accum)
+            .map(|_| {
+                self.cursor
+                    .next_batch(self.prompts.len(), self.cfg.train.batch_size)
+            })
+            .collect();
+        self.step_on(&batches)
+    }
+
+    /// One optimiser step on the given micro-batches of prompt indices (the benchmark
+    /// times a fixed batch this way; `iteration` takes them from the data cursor).
+    pub fn step_on(&mut self, batches: &[Vec<usize>]) -> Result<Option<Map<String, Value>>> {
         let step = self.trainer.step();
+        // The policy is the same for every micro-batch of the step: one frozen copy samples
+        // (and judges, with judge.model = "self").
+        let policy = self.trainer.model.snapshot()?;
+        let mut log = StepLog::default();
+        for batch in batches {
+            self.micro_batch(&policy, batch, step, &mut log)?;
+        }
+        let m = log.metrics(self.cfg.pairing.k);
+        let done = self.trainer.finish_step(m.clone())?;
+        self.trainer.progress.set_message(log.progress_message(&m));
+        Ok(done.map(|_| m))
+    }
+
+    /// One micro-batch of prompts: samples, judged pairs, log-probs, and the loss's gradient
+    /// into the trainer's accumulator (scaled by 1/grad_accum there).
+    fn micro_batch(
+        &mut self,
+        policy: &Llama,
+        batch: &[usize],
+        step: usize,
+        log: &mut StepLog,
+    ) -> Result<()> {
         let k = self.cfg.pairing.k;
 
         // 1. Sample K responses per prompt from the current policy.
         let t = Instant::now();
-        let policy = self.trainer.model.snapshot()?;
         let requests: Vec<Request> = batch
             .iter()
             .flat_map(|&p| (0..k).map(move |j| (p, j)))
@@ -160,25 +317,32 @@ impl OnlineRun {
                 seed: sample_seed(self.cfg.train.seed, step, p, j),
             })
             .collect();
-        let samples = generate(&policy, &self.tok, &requests, &self.cfg.sampling)?;
-        let sampled_tokens: usize = samples.iter().map(|g| g.tokens.len()).sum();
-        let sample_secs = t.elapsed().as_secs_f64();
+        let samples = generate(policy, &self.tok, &requests, &self.cfg.sampling)?;
+        log.sampled_tokens += samples.iter().map(|g| g.tokens.len()).sum::<usize>();
+        log.lengths
+            .extend(samples.iter().map(|g| g.tokens.len() as f64));
+        log.secs.sample += t.elapsed().as_secs_f64();
 
         // 2–3. Judge the samples with the model itself and pair them.
         let t = Instant::now();
-        let judge_model = self.initial_judge.as_ref().unwrap_or(&policy);
+        let judge_model = self.initial_judge.as_ref().unwrap_or(policy);
         let baselines = match self.cfg.pairing.baseline {
             Baseline::Given => Some(self.reference_greedy(batch)?),
             Baseline::First => None,
         };
-        let mut stats = JudgeStats::default();
         let mut pairs = Vec::new();
         for (b, &p) in batch.iter().enumerate() {
             let cands = &samples[b * k..(b + 1) * k];
             let baseline = baselines.as_ref().map(|g| g[b].as_str());
-            pairs.extend(self.pair_prompt(judge_model, p, cands, baseline, step, &mut stats)?);
+            let mut prompt_pairs =
+                self.pair_prompt(judge_model, p, cands, baseline, step, &mut log.judge)?;
+            // Pairs index the micro-batch's samples.
+            prompt_pairs
+                .iter_mut()
+                .for_each(|q| (q.chosen, q.rejected) = (q.chosen + b * k, q.rejected + b * k));
+            pairs.extend(prompt_pairs);
         }
-        let judge_secs = t.elapsed().as_secs_f64();
+        log.secs.judge += t.elapsed().as_secs_f64();
         if !pairs.is_empty() && pairs.iter().all(|q| (q.strength - 0.5).abs() < 1e-9) {
             let msg = format!(
                 "warning: step {}: every judged strength is 0.5 (identical or empty samples?); \
@@ -192,25 +356,58 @@ impl OnlineRun {
                 .iter_mut()
                 .for_each(|p| p.strength = if p.strength >= 0.5 { 1.0 } else { 0.0 });
         }
+        log.strengths
+            .extend(pairs.iter().map(|q| (q.strength, q.rank)));
 
-        // 4–5. Log-probabilities under πθ and πref, the loss, one optimiser step.
+        // 4. Log-probabilities of every sample under πref and πθ (πθ's with the graph; the
+        // pairs pick theirs), so that `objective/kl` covers every sampled completion, as TRL's.
         let t = Instant::now();
-        let refs: Vec<(&[u32], &[u32], &[u32])> = pairs
+        let seqs: Vec<(&[u32], &[u32])> = samples
             .iter()
-            .map(|q| {
-                (
-                    self.prompts[q.prompt].1.as_slice(),
-                    q.chosen.as_slice(),
-                    q.rejected.as_slice(),
-                )
-            })
+            .enumerate()
+            .map(|(i, g)| (self.prompts[batch[i / k]].1.as_slice(), g.tokens.as_slice()))
             .collect();
-        let (ref_c, ref_r) = pair_logps_detached(&self.reference, &refs)?;
+        let ref_all = response_logps(&self.reference, &seqs)?.detach();
         self.trainer.model.set_training(true);
-        let (pol_c, pol_r) = pair_logps(&self.trainer.model, &refs)?;
+        let pol_all = response_logps(&self.trainer.model, &seqs);
         self.trainer.model.set_training(false);
+        let pol_all = pol_all?;
+        log.secs.logprob += t.elapsed().as_secs_f64();
+        let pol_host: Vec<f32> = pol_all.detach().to_vec1()?;
+        let ref_host: Vec<f32> = ref_all.to_vec1()?;
+        let bad = (pol_host.iter().chain(&ref_host)).position(|x| !x.is_finite());
+        if let Some(i) = bad {
+            // Routed through train.on_nonfinite like a non-finite loss: skip or abort the step.
+            let (model, i) = if i < pol_host.len() {
+                ("πθ", i)
+            } else {
+                ("πref", i - pol_host.len())
+            };
+            self.trainer.mark_nonfinite(format!(
+                "non-finite log-probability under {model} (sample {i} of a micro-batch: {})",
+                if i < pol_host.len() {
+                    pol_host[i]
+                } else {
+                    f32::NAN
+                }
+            ));
+            return Ok(());
+        }
+        log.kl
+            .extend(pol_host.iter().zip(&ref_host).map(|(p, r)| (p - r) as f64));
+
+        // 5. The loss on the pairs, backpropagated into the accumulator.
+        let t = Instant::now();
+        let device = self.trainer.model.device().clone();
+        let idx = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
+            let v: Vec<u32> = pairs.iter().map(|q| f(q) as u32).collect();
+            Ok(Tensor::from_vec(v, pairs.len(), &device)?)
+        };
+        let (ci, ri) = (idx(|q| q.chosen)?, idx(|q| q.rejected)?);
         let strengths: Vec<f32> = pairs.iter().map(|q| q.strength as f32).collect();
-        let strength = Tensor::from_vec(strengths, pairs.len(), self.trainer.model.device())?;
+        let strength = Tensor::from_vec(strengths, pairs.len(), &device)?;
+        let (pol_c, pol_r) = (pol_all.index_select(&ci, 0)?, pol_all.index_select(&ri, 0)?);
+        let (ref_c, ref_r) = (ref_all.index_select(&ci, 0)?, ref_all.index_select(&ri, 0)?);
         let lp = PairLogps {
             policy_chosen: &pol_c,
             policy_rejected: &pol_r,
@@ -218,57 +415,84 @@ impl OnlineRun {
             ref_rejected: &ref_r,
         };
         let out = preference_loss(&self.cfg.loss, &lp, Some(&strength))?;
-        self.trainer.accumulate(&out.loss, tokens_of(&refs))?;
-        let train_secs = t.elapsed().as_secs_f64();
-
-        // Metrics (TRL's names where TRL has one).
+        let tokens = seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
+        self.trainer.accumulate(&out.loss, tokens)?;
+        log.train_tokens += tokens;
         let mut m = out.metrics.to_json();
         m.insert("loss".into(), json!(out.loss.to_scalar::<f32>()? as f64));
-        let kl = {
-            let d = ((&pol_c - &ref_c)? + (&pol_r - &ref_r)?)?;
-            d.sum_all()?.to_scalar::<f32>()? as f64 / (2 * pairs.len()) as f64
-        };
-        m.insert("objective/kl".into(), json!(kl));
-        let s: Vec<f64> = pairs.iter().map(|q| q.strength).collect();
-        m.insert("judge/strength_mean".into(), json!(mean(&s)));
-        m.insert("judge/strength_hist".into(), json!(histogram(&s)));
-        let by_rank: Vec<Vec<f64>> = (0..k / 2)
-            .map(|r| {
-                pairs
-                    .iter()
-                    .filter(|q| q.rank == r)
-                    .map(|q| q.strength)
-                    .collect()
+        log.add_loss_metrics(m);
+        log.secs.train += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Evaluates the policy on the held-out prompts (None when there are none): one sample
+    /// per prompt from πθ and one from πref (seeds fixed across evaluations), logged with
+    /// TRL-style names: `eval/kl` (mean over πθ's samples of Σ log πθ − log πref),
+    /// `eval/mean_length` and `eval/ref_mean_length` (tokens), `eval/win_rate_vs_ref` (the
+    /// share of prompts whose πθ sample a judge that is not the policy — πref's weights, or
+    /// the initial model with judge.model = "initial" — prefers to πref's, a tie counting ½)
+    /// and `eval/judged_strength_vs_ref` (the mean judged strength itself).
+    pub fn evaluate(&self) -> Result<Option<Map<String, Value>>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        let policy = self.trainer.model.snapshot()?;
+        let prompts = &self.eval_prompts;
+        let reqs: Vec<Request> = (0..prompts.len())
+            .map(|p| Request {
+                prompt: prompts[p].1.clone(),
+                seed: sample_seed(self.cfg.train.seed ^ EVAL_SEED_SALT, usize::MAX, p, 0),
             })
             .collect();
-        m.insert(
-            "judge/strength_by_rank".into(),
-            json!(by_rank.iter().map(|v| histogram(v)).collect::<Vec<_>>()),
-        );
-        m.insert(
-            "judge/abs_margin_mean".into(),
-            json!(stats.abs_margin_sum / stats.judgements.max(1) as f64),
-        );
-        m.insert(
-            "judge/position_bias_rate".into(),
-            json!(stats.position_biased as f64 / stats.judgements.max(1) as f64),
-        );
-        let lens: Vec<f64> = samples.iter().map(|g| g.tokens.len() as f64).collect();
-        m.insert("completions/mean_length".into(), json!(mean(&lens)));
-        m.insert("pairs".into(), json!(pairs.len()));
-        m.insert(
-            "speed/sampling_tokens_per_s".into(),
-            json!(sampled_tokens as f64 / sample_secs.max(1e-9)),
-        );
-        m.insert(
-            "speed/judging_tokens_per_s".into(),
-            json!(stats.prompt_tokens as f64 / judge_secs.max(1e-9)),
-        );
-        m.insert(
-            "speed/training_tokens_per_s".into(),
-            json!(tokens_of(&refs) as f64 / train_secs.max(1e-9)),
-        );
-        Ok(self.trainer.finish_step(m.clone())?.map(|_| m))
+        let (mut ours, mut theirs, mut kl) = (vec![], vec![], vec![]);
+        for chunk in reqs.chunks(EVAL_CHUNK) {
+            let o = generate(&policy, &self.tok, chunk, &self.cfg.sampling)?;
+            let seqs: Vec<(&[u32], &[u32])> = chunk
+                .iter()
+                .zip(&o)
+                .map(|(r, g)| (r.prompt.as_slice(), g.tokens.as_slice()))
+                .collect();
+            let lp: Vec<f32> = response_logps(&policy, &seqs)?.to_vec1()?;
+            let lr: Vec<f32> = response_logps(&self.reference, &seqs)?.to_vec1()?;
+            kl.extend(lp.iter().zip(&lr).map(|(p, r)| (p - r) as f64));
+            ours.extend(o);
+            theirs.extend(generate(
+                &self.reference,
+                &self.tok,
+                chunk,
+                &self.cfg.sampling,
+            )?);
+        }
+        let judge_model = self.initial_judge.as_ref().unwrap_or(&self.reference);
+        let items: Vec<(&str, &str, &str)> = (0..prompts.len())
+            .map(|i| {
+                (
+                    prompts[i].0.as_str(),
+                    ours[i].text.as_str(),
+                    theirs[i].text.as_str(),
+                )
+            })
+            .collect();
+        let js = self.judge.judge(judge_model, &self.tok, &items)?;
+        let s: Vec<f64> = js.iter().map(|j| j.strength).collect();
+        let wins: Vec<f64> = s
+            .iter()
+            .map(|&x| match x.partial_cmp(&0.5) {
+                Some(std::cmp::Ordering::Greater) => 1.0,
+                Some(std::cmp::Ordering::Equal) => 0.5,
+                _ => 0.0,
+            })
+            .collect();
+        let len =
+            |g: &[Generation]| mean(&g.iter().map(|g| g.tokens.len() as f64).collect::<Vec<_>>());
+        let mut m = Map::new();
+        m.insert("eval/kl".into(), json!(mean(&kl)));
+        m.insert("eval/mean_length".into(), json!(len(&ours)));
+        m.insert("eval/ref_mean_length".into(), json!(len(&theirs)));
+        m.insert("eval/win_rate_vs_ref".into(), json!(mean(&wins)));
+        m.insert("eval/judged_strength_vs_ref".into(), json!(mean(&s)));
+        m.insert("eval/prompts".into(), json!(prompts.len()));
+        Ok(Some(m))
     }
 
     /// Judges one prompt's samples and pairs them (ranked or random; K = 2 for online DPO).
@@ -308,9 +532,8 @@ impl OnlineRun {
             Ok(js.iter().map(|j| j.strength).collect())
         };
         let pair = |chosen: usize, rejected: usize, strength: f64, rank: usize| OnlinePair {
-            prompt: p,
-            chosen: cands[chosen].tokens.clone(),
-            rejected: cands[rejected].tokens.clone(),
+            chosen,
+            rejected,
             strength,
             rank,
         };
@@ -392,6 +615,25 @@ impl OnlineRun {
         let js = self.judge.judge(&judge_model, &self.tok, &items)?;
         Ok(mean(&js.iter().map(|j| j.strength).collect::<Vec<_>>()))
     }
+}
+
+/// The warning for a K that wastes a sample: with `baseline = "first"` sample 0 is the
+/// baseline and the other K − 1 are paired two by two, so an even K leaves one sample unpaired
+/// (sampled and judged for nothing). None when every sample is used.
+pub fn pairing_warning(cfg: &TrainConfig) -> Option<String> {
+    let k = cfg.pairing.k;
+    let wasted = cfg.method != Method::OnlineDpo
+        && cfg.pairing.baseline == Baseline::First
+        && k.is_multiple_of(2);
+    wasted.then(|| {
+        format!(
+            "pairing.k = {k} with baseline = \"first\": sample 0 is the baseline and the other \
+             {} are paired two by two, so one sample per prompt is wasted; use an odd k ({} or {})",
+            k - 1,
+            k - 1,
+            k + 1
+        )
+    })
 }
 
 /// A seed per (run seed, step, prompt, sample): resumable and independent of batch layout.

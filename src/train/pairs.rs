@@ -170,6 +170,16 @@ pub fn pair_logps_detached(
     Ok((c.detach(), r.detach()))
 }
 
+/// Summed response log-probabilities [n] of (prompt, response) sequences, in one batch: the
+/// log-probs of every sampled completion (for TRL's `objective/kl` over all samples).
+pub fn response_logps(model: &Llama, seqs: &[(&[u32], &[u32])]) -> Result<Tensor> {
+    if seqs.is_empty() {
+        bail!("no sequences");
+    }
+    let (ids, masks): (Vec<_>, Vec<_>) = seqs.iter().map(|(p, r)| join(p, r)).unzip();
+    model.sequence_logps(&ids, &masks)
+}
+
 /// Token count of a padded batch, for throughput.
 pub fn tokens_of(pairs: &[(&[u32], &[u32], &[u32])]) -> usize {
     pairs

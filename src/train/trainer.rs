@@ -157,6 +157,13 @@ impl Trainer {
         )
     }
 
+    /// Marks the current step non-finite for a reason found outside the loss (a NaN
+    /// log-probability): `finish_step` then skips or aborts it under `train.on_nonfinite`,
+    /// exactly as for a non-finite loss.
+    pub fn mark_nonfinite(&mut self, why: String) {
+        self.poisoned.get_or_insert(why);
+    }
+
     /// Ends the step: applies the update (or skips / aborts on non-finite values), logs one
     /// metrics line with `extra`, and advances the progress bar. Returns None when skipped.
     pub fn finish_step(&mut self, mut extra: Map<String, Value>) -> Result<Option<StepStats>> {
