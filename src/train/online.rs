@@ -6,6 +6,7 @@ use super::pairs::{load_pairs, pair_logps, pair_logps_detached, reference_for, t
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
+use crate::engine::inference_model;
 use crate::judge::{Judge, JudgeModel};
 use crate::loss::{preference_loss, PairLogps};
 use crate::model::Llama;
@@ -63,7 +64,7 @@ impl OnlineRun {
         let judge = Judge::new(cfg.judge.clone(), &tok)?;
         let reference = reference_for(&lm.model)?;
         let initial_judge = match cfg.judge.model {
-            JudgeModel::Initial => Some(reference.snapshot()?),
+            JudgeModel::Initial => Some(inference_model(&reference)?.into_owned()),
             JudgeModel::Current => None,
         };
         let texts = load_prompt_texts(cfg, &tok)?;
@@ -151,7 +152,7 @@ impl OnlineRun {
 
         // 1. Sample K responses per prompt from the current policy.
         let t = Instant::now();
-        let policy = self.trainer.model.snapshot()?;
+        let policy = inference_model(&self.trainer.model)?;
         let requests: Vec<Request> = batch
             .iter()
             .flat_map(|&p| (0..k).map(move |j| (p, j)))
@@ -166,7 +167,7 @@ impl OnlineRun {
 
         // 2–3. Judge the samples with the model itself and pair them.
         let t = Instant::now();
-        let judge_model = self.initial_judge.as_ref().unwrap_or(&policy);
+        let judge_model = self.initial_judge.as_ref().unwrap_or(&*policy);
         let baselines = match self.cfg.pairing.baseline {
             Baseline::Given => Some(self.reference_greedy(batch)?),
             Baseline::First => None,
@@ -376,7 +377,7 @@ impl OnlineRun {
         let theirs = generate(&self.reference, &self.tok, &reqs, &self.cfg.sampling)?;
         let judge_model = match &self.initial_judge {
             Some(j) => j.clone(),
-            None => self.reference.snapshot()?,
+            None => inference_model(&self.reference)?.into_owned(),
         };
         let items: Vec<(&str, &str, &str)> = reqs
             .iter()
