@@ -2,6 +2,7 @@
 //! and its next-token logits for the two answer tokens give p_AB = σ(ℓA − ℓB). Judging both
 //! orders removes a constant position bias:
 //!   s(y1 ≻ y2 | x) = ½ [ p_AB(x, y1, y2) + (1 − p_AB(x, y2, y1)) ].
+use crate::engine::{score, Engine};
 use crate::model::{Llama, TokenBatch};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -200,9 +201,14 @@ impl Judge {
         Ok(ids)
     }
 
-    /// p_AB for many judge prompts (already tokenized): one batched prefill per chunk that
-    /// computes the LM head at the last position only.
+    /// p_AB for many judge prompts (already tokenized): one batched prefill per chunk of
+    /// `batch_size` prompts that computes the LM head at the last position only (on the CPU,
+    /// unpadded on the inference engine and only for the two answer tokens).
     pub fn p_ab(&self, model: &Llama, prompts: &[Vec<u32>]) -> Result<Vec<f64>> {
+        if Engine::supports(model) {
+            let answers = (self.answer_a, self.answer_b);
+            return score::p_ab(&Engine::new(model)?, prompts, answers, self.cfg.batch_size);
+        }
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(self.cfg.batch_size) {
             let batch = TokenBatch::left_padded(chunk, model.device())?;

@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod data;
 pub mod demo;
+pub mod engine;
 pub mod eval;
 pub mod io;
 pub mod judge;

@@ -558,7 +558,8 @@ fn cmd_judge(a: JudgeArgs) -> Result<()> {
     }
     anyhow::ensure!(!pairs.is_empty(), "{}: no pairs to judge", a.data.display());
     let start = Instant::now();
-    let report = judge.evaluate(&lm.model.snapshot()?, &lm.tokenizer, &pairs)?;
+    let model = osp::engine::inference_model(&lm.model)?;
+    let report = judge.evaluate(&model, &lm.tokenizer, &pairs)?;
     let secs = start.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

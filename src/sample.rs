@@ -1,8 +1,11 @@
 //! Batched generation with a KV cache: temperature, top-k, top-p, stop at EOS or stop strings.
+//! On the CPU it runs on the inference engine (`engine::decode`); `Decoder` is the reference
+//! path on the autograd model (other devices, and the tests that hold the two equal).
 //!
 //! Each request carries its own seed and random stream, and prompts are left-padded with
 //! per-sequence positions and masks, so a request's output does not depend on the rest of its
 //! batch.
+use crate::engine::Engine;
 use crate::model::llama::{attention_bias, positions_from_mask};
 use crate::model::{KvCache, Llama, TokenBatch};
 use crate::tokenizer::Tokenizer;
@@ -161,7 +164,10 @@ impl Decoder {
     }
 }
 
-/// Picks the next token from one row of logits.
+/// Picks the next token from one row of logits. Top-k keeps the k best by partial selection
+/// (no full sort); top-p sorts only a growing head of the candidates until it holds p of the
+/// mass; without top-p the draw walks the kept tokens in a fixed order (index order, or
+/// top-k's selection order), so a seed always gives the same token.
 pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = || {
         let mut best = 0;
@@ -185,26 +191,40 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) ->
     if cand.is_empty() {
         return argmax();
     }
-    // Descending by logit, ties by index, so the order (and the draw) is reproducible.
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Descending by logit, ties by index: a total order, so selections are reproducible.
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, order);
         cand.truncate(p.top_k);
     }
-    let max = cand[0].1;
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<f32> = cand.iter().map(|(_, v)| (v - max).exp()).collect();
     let sum: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= sum);
     if p.top_p < 1.0 {
-        let mut cum = 0f32;
-        let mut keep = 0;
-        for &q in &probs {
-            if cum >= p.top_p as f32 {
-                break;
+        // Sort a head of m candidates; grow it until it holds top_p of the mass.
+        let mut m = cand.len().min(64);
+        let keep = loop {
+            if m < cand.len() {
+                cand.select_nth_unstable_by(m - 1, order);
             }
-            cum += q;
-            keep += 1;
-        }
-        probs.truncate(keep.max(1));
+            cand[..m].sort_by(order);
+            let mut cum = 0f32;
+            let mut keep = 0;
+            for &(_, v) in &cand[..m] {
+                if cum >= p.top_p as f32 {
+                    break;
+                }
+                cum += (v - max).exp() / sum;
+                keep += 1;
+            }
+            if cum >= p.top_p as f32 || m == cand.len() {
+                break keep.max(1);
+            }
+            m = (m * 4).min(cand.len());
+        };
+        cand.truncate(keep);
+        probs = cand.iter().map(|(_, v)| (v - max).exp() / sum).collect();
         let s: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= s);
     }
@@ -300,6 +320,12 @@ pub fn generate(
                 finish: FinishReason::Length,
             })
             .collect());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {i} is empty: start it with a BOS token");
+    }
+    if Engine::supports(model) {
+        return crate::engine::decode::generate(&Engine::new(model)?, tok, requests, params);
     }
     let (mut dec, mut logits) = Decoder::prefill(model, &prompts)?;
     for step in 0..params.max_new_tokens {

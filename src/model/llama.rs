@@ -218,14 +218,14 @@ impl Linear {
 }
 
 #[derive(Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -281,10 +281,10 @@ impl Attention {
 }
 
 #[derive(Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -295,11 +295,11 @@ impl Mlp {
 }
 
 #[derive(Clone)]
-struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
+pub(crate) struct Block {
+    pub(crate) input_layernorm: Tensor,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: Tensor,
+    pub(crate) mlp: Mlp,
 }
 
 /// Per-layer key/value cache for incremental decoding.
@@ -326,11 +326,11 @@ impl KvCache {
 #[derive(Clone)]
 pub struct Llama {
     pub cfg: ModelConfig,
-    embed_tokens: Tensor,
-    layers: Vec<Block>,
-    norm: Tensor,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<Block>,
+    pub(crate) norm: Tensor,
     /// None when tied to the embedding.
-    lm_head: Option<Linear>,
+    pub(crate) lm_head: Option<Linear>,
     vars: Vec<(String, Var)>,
     /// The adapters' configuration and shared state, when built with `Trainable::Lora`.
     lora: Option<(LoraConfig, Arc<LoraContext>)>,

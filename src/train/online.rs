@@ -6,6 +6,7 @@ use super::pairs::{load_pairs, reference_for, response_logps};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
+use crate::engine::inference_model;
 use crate::judge::{Judge, JudgeModel};
 use crate::loss::{preference_loss, PairLogps};
 use crate::model::Llama;
@@ -180,7 +181,7 @@ impl OnlineRun {
         let judge = Judge::new(cfg.judge.clone(), &tok)?;
         let reference = reference_for(&lm.model)?;
         let initial_judge = match cfg.judge.model {
-            JudgeModel::Initial => Some(reference.snapshot()?),
+            JudgeModel::Initial => Some(inference_model(&reference)?.into_owned()),
             JudgeModel::Current => None,
         };
         let texts = load_prompt_texts(cfg, &tok)?;
@@ -285,7 +286,8 @@ impl OnlineRun {
         let step = self.trainer.step();
         // The policy is the same for every micro-batch of the step: one frozen copy samples
         // (and judges, with judge.model = "self").
-        let policy = self.trainer.model.snapshot()?;
+        // A shallow copy on the CPU engine (it reads the live weights in place).
+        let policy = inference_model(&self.trainer.model)?.into_owned();
         let mut log = StepLog::default();
         for batch in batches {
             self.micro_batch(&policy, batch, step, &mut log)?;
@@ -436,7 +438,7 @@ impl OnlineRun {
         if self.eval_prompts.is_empty() {
             return Ok(None);
         }
-        let policy = self.trainer.model.snapshot()?;
+        let policy = inference_model(&self.trainer.model)?;
         let prompts = &self.eval_prompts;
         let reqs: Vec<Request> = (0..prompts.len())
             .map(|p| Request {
@@ -599,7 +601,7 @@ impl OnlineRun {
         let theirs = generate(&self.reference, &self.tok, &reqs, &self.cfg.sampling)?;
         let judge_model = match &self.initial_judge {
             Some(j) => j.clone(),
-            None => self.reference.snapshot()?,
+            None => inference_model(&self.reference)?.into_owned(),
         };
         let items: Vec<(&str, &str, &str)> = reqs
             .iter()

@@ -166,6 +166,24 @@ pub fn pair_logps_detached(
     model: &Llama,
     pairs: &[(&[u32], &[u32], &[u32])],
 ) -> Result<(Tensor, Tensor)> {
+    if crate::engine::Engine::supports(model) {
+        // No graph needed: the inference engine, without the autograd model's copies.
+        let engine = crate::engine::Engine::new(model)?;
+        let (seqs, masks): (Vec<_>, Vec<_>) = (0..2)
+            .flat_map(|side| {
+                pairs
+                    .iter()
+                    .map(move |(p, c, r)| join(p, if side == 0 { c } else { r }))
+            })
+            .unzip();
+        if seqs.is_empty() {
+            bail!("no pairs");
+        }
+        let all = crate::engine::score::sequence_logps(&engine, &seqs, &masks)?;
+        let n = pairs.len();
+        let all = Tensor::from_vec(all, 2 * n, model.device())?;
+        return Ok((all.narrow(0, 0, n)?, all.narrow(0, n, n)?));
+    }
     let (c, r) = pair_logps(model, pairs)?;
     Ok((c.detach(), r.detach()))
 }

@@ -1,0 +1,32 @@
+//! The frozen-weight inference engine: everything that needs no gradient (sampling, judging,
+//! πref and evaluation log-probabilities) runs here on the CPU, beside the autograd model in
+//! `model::llama`, which stays the readable reference that tests hold this engine equal to.
+//!
+//! - `weights`: a no-copy view of a `Llama`'s tensors, LoRA applied unmerged;
+//! - `kernels`: the x·Wᵀ product (AVX2/FMA or portable), threads picked by work size;
+//! - `kv`: the preallocated KV cache written in place;
+//! - `forward`: the decoder over unpadded segments;
+//! - `decode`: batched generation with shared prompt prefixes;
+//! - `score`: judge answer logits and response log-probabilities.
+pub mod decode;
+pub mod forward;
+pub mod kernels;
+pub mod kv;
+pub mod score;
+pub mod weights;
+
+pub use forward::{Engine, Segment};
+
+use crate::model::Llama;
+use std::borrow::Cow;
+
+/// The model to sample, judge and score with: `model` itself where the engine runs it (the
+/// engine reads the live weights in place, so no copy is made), a frozen snapshot elsewhere
+/// (the reference path on other devices wants merged, graph-free weights).
+pub fn inference_model(model: &Llama) -> anyhow::Result<Cow<'_, Llama>> {
+    Ok(if Engine::supports(model) {
+        Cow::Borrowed(model)
+    } else {
+        Cow::Owned(model.snapshot()?)
+    })
+}

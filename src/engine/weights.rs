@@ -1,0 +1,160 @@
+//! The frozen-weight view of a `Llama`: handles on the model's own tensors, read in place.
+//!
+//! The kernels take W in its stored [out, in] layout, so the view copies nothing: building it
+//! clones reference-counted handles, and it reads the live storage at each product. An adapter
+//! is applied unmerged (x·Aᵀ·Bᵀ·scale at rank r) from the `Var`s the optimiser updates in
+//! place, and full fine-tuning's in-place updates are seen the same way: an online run never
+//! copies the model to sample or judge with it.
+use super::kernels::matmul_nt;
+use crate::model::Llama;
+use anyhow::{anyhow, bail, Result};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+
+/// Borrows a contiguous f32 CPU tensor's values for the duration of `f`.
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let data = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v.as_slice(),
+        Storage::Cpu(_) => bail!("engine: tensor of dtype {:?}, needs f32", t.dtype()),
+        _ => bail!("engine: tensor on {:?}, needs the CPU", t.device()),
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| anyhow!("engine: tensor {:?} is not contiguous", t.dims()))?;
+    Ok(f(&data[a..b]))
+}
+
+/// A projection y = x Wᵀ + b (+ scale · x Aᵀ Bᵀ).
+pub struct LinearView {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// A [r, in], B [out, r], scale.
+    pub lora: Option<(Tensor, Tensor, f32)>,
+    pub out: usize,
+    pub inp: usize,
+}
+
+impl LinearView {
+    fn of(l: &crate::model::llama::Linear) -> Result<Self> {
+        let (out, inp) = l.weight.dims2()?;
+        Ok(Self {
+            weight: contiguous(&l.weight)?,
+            bias: l.bias.as_ref().map(contiguous).transpose()?,
+            lora: l
+                .lora
+                .as_ref()
+                .map(|a| -> Result<_> {
+                    Ok((contiguous(&a.a)?, contiguous(&a.b)?, a.scale as f32))
+                })
+                .transpose()?,
+            out,
+            inp,
+        })
+    }
+
+    /// y [rows, out] for x [rows, in].
+    pub fn forward(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
+        y.clear();
+        y.resize(rows * self.out, 0.0);
+        with_f32(&self.weight, |w| {
+            matmul_nt(x, rows, self.inp, w, self.out, y)
+        })?;
+        if let Some(b) = &self.bias {
+            with_f32(b, |b| {
+                for row in y.chunks_mut(self.out) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            })?;
+        }
+        if let Some((a, b, scale)) = &self.lora {
+            let r = a.dim(0)?;
+            let mut xa = vec![0f32; rows * r];
+            with_f32(a, |a| matmul_nt(x, rows, self.inp, a, r, &mut xa))?;
+            let mut d = vec![0f32; rows * self.out];
+            with_f32(b, |b| matmul_nt(&xa, rows, r, b, self.out, &mut d))?;
+            y.iter_mut().zip(&d).for_each(|(v, d)| *v += d * scale);
+        }
+        Ok(())
+    }
+}
+
+/// Handles that share storage with `t` (a no-op for the contiguous tensors a model holds).
+fn contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
+        Ok(t.clone())
+    } else {
+        bail!(
+            "engine: needs contiguous f32 CPU tensors, got {:?} {:?} on {:?}",
+            t.dims(),
+            t.dtype(),
+            t.device()
+        )
+    }
+}
+
+pub struct LayerView {
+    pub input_norm: Tensor,
+    pub q: LinearView,
+    pub k: LinearView,
+    pub v: LinearView,
+    pub o: LinearView,
+    pub post_norm: Tensor,
+    pub gate: LinearView,
+    pub up: LinearView,
+    pub down: LinearView,
+}
+
+/// Every tensor the forward pass reads.
+pub struct ModelView {
+    pub embed: Tensor,
+    pub layers: Vec<LayerView>,
+    pub norm: Tensor,
+    /// The LM head; a tied head is the embedding itself ([vocab, d] is already [out, in]).
+    pub head: LinearView,
+}
+
+impl ModelView {
+    /// Whether the engine can run `model` (f32 on the CPU); other models take the reference
+    /// path.
+    pub fn supports(model: &Llama) -> bool {
+        model.device().is_cpu() && model.embed_tokens.dtype() == DType::F32
+    }
+
+    pub fn of(model: &Llama) -> Result<Self> {
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for b in &model.layers {
+            let a = &b.self_attn;
+            layers.push(LayerView {
+                input_norm: contiguous(&b.input_layernorm)?,
+                q: LinearView::of(&a.q_proj)?,
+                k: LinearView::of(&a.k_proj)?,
+                v: LinearView::of(&a.v_proj)?,
+                o: LinearView::of(&a.o_proj)?,
+                post_norm: contiguous(&b.post_attention_layernorm)?,
+                gate: LinearView::of(&b.mlp.gate_proj)?,
+                up: LinearView::of(&b.mlp.up_proj)?,
+                down: LinearView::of(&b.mlp.down_proj)?,
+            });
+        }
+        let embed = contiguous(&model.embed_tokens)?;
+        let head = match &model.lm_head {
+            Some(h) => LinearView::of(h)?,
+            None => {
+                let (out, inp) = embed.dims2()?;
+                LinearView {
+                    weight: embed.clone(),
+                    bias: None,
+                    lora: None,
+                    out,
+                    inp,
+                }
+            }
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm: contiguous(&model.norm)?,
+            head,
+        })
+    }
+}
