@@ -270,3 +270,51 @@ fn an_even_k_with_the_first_sample_as_baseline_warns_of_a_wasted_sample() {
     assert!(osp::train::online::pairing_warning(&cfg(7, "first")).is_none());
     assert!(osp::train::online::pairing_warning(&cfg(4, "given")).is_none());
 }
+
+#[test]
+fn each_online_method_is_a_type_that_pairs_a_prompts_samples() {
+    use osp::pairing::Cand;
+    use osp::train::online_method::online_method;
+    use rand::SeedableRng;
+    let cfg = |m: Method, k: usize| {
+        let set = [
+            s("model.path=\"m\""),
+            s("data.prompts=\"p\""),
+            format!("pairing.k={k}"),
+        ];
+        TrainConfig::load(None, &set, Some(m)).unwrap()
+    };
+    // A scripted judge: sample i is better than sample j with strength 0.5 + (i − j)/10.
+    let quality = |c: Cand| match c {
+        Cand::Sample(i) => i as f64,
+        Cand::Baseline => 0.0,
+    };
+    let mut judge = |cmp: &[(Cand, Cand)]| -> anyhow::Result<Vec<f64>> {
+        Ok(cmp
+            .iter()
+            .map(|&(a, b)| 0.5 + (quality(a) - quality(b)) / 10.0)
+            .collect())
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let osp = online_method(&cfg(Method::Osp, 5)).unwrap();
+    let pairs = osp.pairs(5, &mut judge, &mut rng).unwrap();
+    // Baseline sample 0; candidates 1..4 ranked 4, 3, 2, 1: best with worst, then the rest.
+    assert_eq!(pairs.len(), 2);
+    assert_eq!(
+        (pairs[0].chosen, pairs[0].rejected, pairs[0].rank),
+        (4, 1, 0)
+    );
+    assert_eq!(
+        (pairs[1].chosen, pairs[1].rejected, pairs[1].rank),
+        (3, 2, 1)
+    );
+    assert!(pairs.iter().all(|q| q.strength > 0.5 && q.strength < 1.0));
+    let hard = online_method(&cfg(Method::OspHard, 5)).unwrap();
+    let pairs = hard.pairs(5, &mut judge, &mut rng).unwrap();
+    assert!(pairs.iter().all(|q| q.strength == 1.0), "{pairs:?}");
+    let dpo = online_method(&cfg(Method::OnlineDpo, 2)).unwrap();
+    let pairs = dpo.pairs(2, &mut judge, &mut rng).unwrap();
+    assert_eq!((pairs[0].chosen, pairs[0].rejected), (1, 0));
+    assert_eq!(pairs[0].strength, 1.0);
+    assert!(dpo.pairs(3, &mut judge, &mut rng).is_err());
+}

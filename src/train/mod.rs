@@ -6,6 +6,7 @@ pub mod method;
 pub mod metrics;
 pub mod offline;
 pub mod online;
+pub mod online_method;
 pub mod optim;
 pub mod pairs;
 pub mod policy;

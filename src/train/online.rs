@@ -2,6 +2,7 @@
 //! the current policy, judge them with the model itself, pair them, and take one optimiser
 //! step on the preference loss against πref.
 use super::method::{Method, TrainConfig};
+use super::online_method::{online_method, OnlineMethod, OnlinePair};
 use super::pairs::{load_pairs, reference_for, response_logps};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
@@ -10,7 +11,7 @@ use crate::engine::inference_model;
 use crate::judge::{Judge, JudgeModel};
 use crate::loss::{preference_loss, PairLogps};
 use crate::model::Llama;
-use crate::pairing::{pair_candidates, Baseline, Cand};
+use crate::pairing::{Baseline, Cand};
 use crate::sample::{generate, Generation, Request, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use anyhow::Result;
@@ -23,16 +24,6 @@ use std::time::Instant;
 
 /// Bins of the judged-strength histogram logged per iteration and per pair rank.
 pub const STRENGTH_BINS: usize = 10;
-
-/// A pair produced online, as tokens, with its judged strength and rank.
-struct OnlinePair {
-    /// Indices of the chosen and rejected samples (within the prompt's, then the
-    /// micro-batch's samples).
-    chosen: usize,
-    rejected: usize,
-    strength: f64,
-    rank: usize,
-}
 
 /// Seeds of the evaluation samples: fixed across evaluations, apart from training's.
 const EVAL_SEED_SALT: u64 = 0x0e7a_1000;
@@ -165,6 +156,8 @@ pub struct OnlineRun {
     pub tok: Tokenizer,
     pub trainer: Trainer,
     judge: Judge,
+    /// The method's part of the loop: how a prompt's samples become pairs.
+    method: Box<dyn OnlineMethod>,
     /// πref: adapters off (LoRA) or a frozen copy of the starting weights (full).
     reference: Llama,
     /// The starting model as a snapshot, when it judges (judge.model = "initial").
@@ -216,6 +209,7 @@ impl OnlineRun {
             tok,
             trainer,
             judge,
+            method: online_method(cfg)?,
             reference,
             initial_judge,
             prompts,
@@ -353,11 +347,6 @@ impl OnlineRun {
             );
             self.trainer.progress.suspend(|| eprintln!("{msg}"));
         }
-        if self.cfg.method == Method::OspHard {
-            pairs
-                .iter_mut()
-                .for_each(|p| p.strength = if p.strength >= 0.5 { 1.0 } else { 0.0 });
-        }
         log.strengths
             .extend(pairs.iter().map(|q| (q.strength, q.rank)));
 
@@ -380,18 +369,14 @@ impl OnlineRun {
         let bad = (pol_host.iter().chain(&ref_host)).position(|x| !x.is_finite());
         if let Some(i) = bad {
             // Routed through train.on_nonfinite like a non-finite loss: skip or abort the step.
-            let (model, i) = if i < pol_host.len() {
-                ("πθ", i)
+            let (model, i, v) = if i < pol_host.len() {
+                ("πθ", i, pol_host[i])
             } else {
-                ("πref", i - pol_host.len())
+                let j = i - pol_host.len();
+                ("πref", j, ref_host[j])
             };
             self.trainer.mark_nonfinite(format!(
-                "non-finite log-probability under {model} (sample {i} of a micro-batch: {})",
-                if i < pol_host.len() {
-                    pol_host[i]
-                } else {
-                    f32::NAN
-                }
+                "non-finite log-probability {v} under {model} (sample {i} of a micro-batch)"
             ));
             return Ok(());
         }
@@ -497,7 +482,7 @@ impl OnlineRun {
         Ok(Some(m))
     }
 
-    /// Judges one prompt's samples and pairs them (ranked or random; K = 2 for online DPO).
+    /// Judges one prompt's samples and pairs them, as the method does (`online_method`).
     fn pair_prompt(
         &self,
         judge_model: &Llama,
@@ -533,29 +518,9 @@ impl OnlineRun {
             stats.abs_margin_sum += js.iter().map(|j| (j.strength - 0.5).abs()).sum::<f64>();
             Ok(js.iter().map(|j| j.strength).collect())
         };
-        let pair = |chosen: usize, rejected: usize, strength: f64, rank: usize| OnlinePair {
-            chosen,
-            rejected,
-            strength,
-            rank,
-        };
-        if self.cfg.method == Method::OnlineDpo {
-            // OAIF-style: two samples, one binary self-judgement, the winner is chosen.
-            let s = judge(&[(Cand::Sample(0), Cand::Sample(1))])?[0];
-            return Ok(vec![if s >= 0.5 {
-                pair(0, 1, 1.0, 0)
-            } else {
-                pair(1, 0, 1.0, 0)
-            }]);
-        }
         let mut rng =
             ChaCha8Rng::seed_from_u64(sample_seed(self.cfg.train.seed ^ 0x5eed, step, p, 0));
-        let pairing = pair_candidates(cands.len(), &self.cfg.pairing, &mut rng, &mut judge)?;
-        Ok(pairing
-            .pairs
-            .iter()
-            .map(|q| pair(q.chosen, q.rejected, q.strength, q.rank))
-            .collect())
+        self.method.pairs(cands.len(), &mut judge, &mut rng)
     }
 
     /// πref's greedy response per prompt (the "given" baseline of ranked pairing).
