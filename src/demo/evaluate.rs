@@ -189,7 +189,7 @@ pub fn judge_own_samples(
         });
     }
     Ok(JudgeSummary::from(&judge.evaluate(
-        &crate::engine::inference_model(model)?,
+        &*crate::engine::inference_model(model)?,
         tok,
         &pairs,
     )?))

@@ -151,7 +151,7 @@ fn report(
     tok: &crate::tokenizer::Tokenizer,
     pairs: &[PreferencePair],
 ) -> Result<JudgeReport> {
-    judge.evaluate(&crate::engine::inference_model(model)?, tok, pairs)
+    judge.evaluate(&*crate::engine::inference_model(model)?, tok, pairs)
 }
 
 /// Runs (or, with `resume`, continues) preference augmentation; reports the judge on
