@@ -357,10 +357,8 @@ fn torch_json(args: &[String]) -> Result<serde_json::Value> {
             err.lines().last().unwrap_or("")
         );
     }
-    Ok(
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
-            .context("bench_torch.py output")?,
-    )
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
+        .context("bench_torch.py output")
 }
 
 fn torch_sample(cfg: &ModelConfig, prompts: usize, k: usize, repeats: usize) -> Result<f64> {
@@ -399,7 +397,10 @@ fn torch_sample(cfg: &ModelConfig, prompts: usize, k: usize, repeats: usize) -> 
 
 /// The judge row's input: 100 HH pairs (both orders) as judge-prompt token ids of the
 /// GPT-2 tokenizer, folded into the SmolLM2-shaped vocabulary (the ids only set the cost).
-fn judge_ids(root: &Path, vocab: usize) -> Result<(Vec<Vec<u32>>, (u32, u32))> {
+/// Judge prompts and the two answer ids.
+type JudgeInput = (Vec<Vec<u32>>, (u32, u32));
+
+fn judge_ids(root: &Path, vocab: usize) -> Result<JudgeInput> {
     use osp::train::pairs::{load_pairs, DataFormat};
     let n: usize = std::env::var("OSP_BENCH_JUDGE_PAIRS")
         .ok()
