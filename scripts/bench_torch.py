@@ -20,6 +20,9 @@ untied lm_head, rope_theta 1e4, rms_norm_eps 1e-5, attn_implementation "sdpa".
           under torch.inference_mode(). Reports median seconds per call and
           tokens_per_s = batch * N / median seconds.
 
+  judge : the batched both-order judge on pre-tokenized judge prompts (--ids), batches of
+          --batch, left-padded, head at the last position only; wall seconds and peak RSS.
+
 Each measured run is preceded by `--warmup` untimed runs; `--repeats` runs are timed.
 """
 import argparse
@@ -38,7 +41,7 @@ def llama2c_hidden(dim, multiple_of=32):
 
 def parse_args():
     ap = argparse.ArgumentParser(description="PyTorch Llama benchmark (train step / sampling)")
-    ap.add_argument("--what", choices=["train", "sample"], required=True)
+    ap.add_argument("--what", choices=["train", "sample", "judge"], required=True)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=None, help="default: dim // 64")
@@ -54,6 +57,11 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tied", type=int, default=0, help="1: tie the LM head to the embedding")
+    ap.add_argument("--num-return-sequences", type=int, default=1,
+                    help="sample: K samples per prompt (generate's num_return_sequences)")
+    ap.add_argument("--ids", default=None,
+                    help='judge: JSON {"ids": [[...], ...], "answers": [a, b]} of judge prompts')
     a = ap.parse_args()
     if a.heads is None:
         a.heads = max(1, a.dim // 64)
@@ -106,7 +114,7 @@ def run(a):
         max_position_embeddings=max_pos,
         rms_norm_eps=1e-5,
         hidden_act="silu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(a.tied),
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=None,
@@ -121,6 +129,8 @@ def run(a):
           f"vocab={a.vocab} params={params} attn={model.config._attn_implementation}", file=sys.stderr)
 
     runs = []
+    if a.what == "judge":
+        return judge(a, model, torch, params, transformers)
     if a.what == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -160,9 +170,11 @@ def run(a):
                 out = model.generate(
                     ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                     max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0,
+                    num_return_sequences=a.num_return_sequences,
                 )
                 dt = time.perf_counter() - t0
-            assert out.shape == (a.batch, a.prompt_len + n), tuple(out.shape)
+            rows = a.batch * a.num_return_sequences
+            assert out.shape == (rows, a.prompt_len + n), tuple(out.shape)
             return dt
 
         for _ in range(a.warmup):
@@ -170,9 +182,12 @@ def run(a):
         for i in range(a.repeats):
             dt = sample()
             runs.append(dt)
-            print(f"sample run {i}: {dt:.4f}s ({a.batch * n / dt:.1f} tok/s)", file=sys.stderr)
+            rows = a.batch * a.num_return_sequences
+            print(f"sample run {i}: {dt:.4f}s ({rows * n / dt:.1f} tok/s)", file=sys.stderr)
         med = statistics.median(runs)
-        extra = {"tokens_per_s": a.batch * n / med, "new_tokens": n, "prompt_len": a.prompt_len}
+        rows = a.batch * a.num_return_sequences
+        extra = {"tokens_per_s": rows * n / med, "new_tokens": n, "prompt_len": a.prompt_len,
+                 "num_return_sequences": a.num_return_sequences}
 
     result = {
         "what": a.what,
@@ -193,6 +208,36 @@ def run(a):
     }
     result.update(extra)
     return result
+
+
+def judge(a, model, torch, params, transformers):
+    """The batched both-order judge: judge prompts (token ids from --ids, in their order) in
+    batches of --batch, left-padded, logits at the last position only (logits_to_keep=1),
+    p_AB = sigmoid(l_A - l_B). One timed pass (the model's first use, as for `osp judge`);
+    reports wall seconds and the process's peak RSS."""
+    import resource
+
+    with open(a.ids) as f:
+        spec = json.load(f)
+    prompts, (ans_a, ans_b) = spec["ids"], spec["answers"]
+    model.eval()
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), a.batch):
+            chunk = prompts[i:i + a.batch]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+            out.extend(torch.sigmoid(logits[:, ans_a] - logits[:, ans_b]).tolist())
+    dt = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    assert len(out) == len(prompts)
+    return {"what": "judge", "median_s": dt, "runs_s": [dt], "peak_rss_mb": peak_mb,
+            "prompts": len(prompts), "tokens": sum(len(p) for p in prompts), "params": params,
+            "batch": a.batch, "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": a.threads}
 
 
 def rope_kwargs(version, theta):

@@ -11,6 +11,8 @@
 //!
 //! Threads are picked by the size of the work: a product below `MIN_WORK_PER_THREAD`
 //! multiply-adds per thread runs on the calling thread (a tiny model runs single-threaded).
+// Index loops mirror the micro-kernel's (row, output) block shape.
+#![allow(clippy::needless_range_loop)]
 use rayon::prelude::*;
 
 /// Multiply-adds worth handing to another thread (~50–100 µs of work): below this, rayon's
