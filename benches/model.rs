@@ -2,13 +2,18 @@
 //!
 //! `cargo bench --bench model` times (a) a full training step (forward, backward, AdamW) for
 //! d=256/4 layers and d=512/8 layers, batch 8, sequence 128, vocab 512, and (b) KV-cache
-//! sampling of 64 new tokens for batch 8 (prompts of 16 tokens), then runs
+//! sampling of 64 new tokens for batch 8 (prompts of 16 tokens), (c) a LoRA training step
+//! (r = 16 on all seven projections, frozen base) at d=512/8 layers, and (d) the peak RSS of a
+//! LoRA step on a SmolLM2-135M-shaped model (30 layers, d=576, 9/3 heads, FFN 1536, vocab
+//! 49,152, tied; measured in a child process of its own), then runs
 //! `scripts/bench_torch.py` on the identical configuration and prints the ratios of medians.
 //! Python: `$OSP_BENCH_PYTHON`, else `pyenv/bin/python` or `../pyenv/bin/python`, else
 //! `python3`; without torch the PyTorch column is skipped. `OSP_BENCH_REPEATS` (default 5).
+//! `OSP_BENCH_TINY=1` runs only rows (c) and (d) at toy sizes, to check that they run.
 use anyhow::{Context, Result};
 use candle_core::{Device, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use osp::lora::LoraConfig;
 use osp::model::{init::random_weights, Llama, ModelConfig, Trainable};
 use osp::sample::{generate, Request, SamplingParams};
 use osp::tokenizer::Tokenizer;
@@ -93,6 +98,189 @@ fn train_step_times(dim: usize, layers: usize, repeats: usize) -> Result<Vec<f64
         }
     }
     Ok(times)
+}
+
+/// r = 16, alpha 32, no dropout, all seven projections (PEFT's "all-linear").
+fn lora16() -> Trainable {
+    Trainable::Lora {
+        config: LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            ..Default::default()
+        },
+        seed: 0,
+    }
+}
+
+/// Seconds per LoRA step (forward, backward, AdamW over the adapters) on `cfg`, plus the loss.
+fn lora_step_times(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    repeats: usize,
+) -> Result<Vec<f64>> {
+    let model = Llama::new(cfg, random_weights(cfg, 0, 0.02, &Device::Cpu)?, lora16())?;
+    let vars: Vec<Var> = model.vars().iter().map(|(_, v)| v.clone()).collect();
+    let params = ParamsAdamW {
+        lr: 1e-4,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(vars, params)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mask = vec![vec![true; seq]; batch];
+    let vocab = cfg.vocab_size as u32;
+    let mut times = vec![];
+    model.set_training(true);
+    for i in 0..repeats + 1 {
+        let seqs: Vec<Vec<u32>> = (0..batch)
+            .map(|_| (0..seq).map(|_| rng.random_range(0..vocab)).collect())
+            .collect();
+        let start = Instant::now();
+        let (_, per_token) = model.token_logps(&seqs, &mask)?;
+        let loss = (per_token.sum_all()? * (-1.0 / (batch * (seq - 1)) as f64))?;
+        opt.backward_step(&loss)?;
+        let dt = start.elapsed().as_secs_f64();
+        eprintln!(
+            "  candle LoRA d={} step {i}: {dt:.3}s loss {:.4}",
+            cfg.hidden_size,
+            loss.to_scalar::<f32>()?
+        );
+        if i > 0 {
+            times.push(dt);
+        }
+    }
+    Ok(times)
+}
+
+/// This process's peak resident set (VmHWM) in MB.
+fn peak_rss_mb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(kb / 1024.0)
+}
+
+/// The SmolLM2-135M shape, or a toy one with `tiny`.
+fn smol_config(tiny: bool) -> Result<ModelConfig> {
+    if tiny {
+        return ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "vocab_size": 512, "hidden_size": 48,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "max_position_embeddings": 256, "tie_word_embeddings": true,
+        }));
+    }
+    osp::bench::shape("smollm2-135m")
+}
+
+/// Peak RSS (MB) of a child process that runs two LoRA steps on the SmolLM2-shaped model.
+fn child_peak_rss(tiny: bool, batch: usize, seq: usize) -> Result<f64> {
+    let out = Command::new(std::env::current_exe()?)
+        .env("OSP_BENCH_RSS_CHILD", if tiny { "tiny" } else { "full" })
+        .env("OSP_BENCH_RSS_SHAPE", format!("{batch}x{seq}"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "RSS child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .lines()
+        .last()
+        .and_then(|l| l.parse().ok())
+        .context("RSS child printed no number")
+}
+
+/// Runs in the child: two LoRA steps, then prints the peak RSS.
+fn rss_child(kind: &str, shape: &str) -> Result<()> {
+    let (b, t) = shape
+        .split_once('x')
+        .context("OSP_BENCH_RSS_SHAPE is BxT")?;
+    let cfg = smol_config(kind == "tiny")?;
+    lora_step_times(&cfg, b.parse()?, t.parse()?, 1)?;
+    println!("{}", peak_rss_mb()?);
+    Ok(())
+}
+
+/// The torch LoRA step's (median seconds, peak RSS MB) on the same shape.
+fn torch_lora(cfg: &ModelConfig, batch: usize, seq: usize, repeats: usize) -> Result<(f64, f64)> {
+    let out = Command::new(python())
+        .args(["scripts/bench_torch.py", "--what", "lora", "--threads", "2"])
+        .args(["--dim", &cfg.hidden_size.to_string()])
+        .args(["--layers", &cfg.num_hidden_layers.to_string()])
+        .args(["--heads", &cfg.num_attention_heads.to_string()])
+        .args(["--kv-heads", &cfg.num_key_value_heads.to_string()])
+        .args(["--hidden", &cfg.intermediate_size.to_string()])
+        .args(["--vocab", &cfg.vocab_size.to_string()])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+        .args(["--repeats", &repeats.to_string(), "--lora-r", "16"])
+        .args(if cfg.tie_word_embeddings {
+            &["--tied", "1"][..]
+        } else {
+            &[][..]
+        })
+        .output()
+        .context("cannot start python")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        anyhow::bail!(
+            "bench_torch.py failed: {}",
+            err.lines().last().unwrap_or("")
+        );
+    }
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())?;
+    Ok((
+        v["median_s"].as_f64().context("no median_s")?,
+        v["peak_rss_mb"].as_f64().context("no peak_rss_mb")?,
+    ))
+}
+
+/// Rows (c) and (d): the LoRA step against PEFT, and the SmolLM2-shaped step's peak RSS.
+fn lora_rows(tiny: bool, repeats: usize) {
+    let (cfg, batch, seq) = if tiny {
+        (config(64, 1), 2, 16)
+    } else {
+        (config(512, 8), BATCH, SEQ)
+    };
+    let fmt = |r: &Result<f64>| match r {
+        Ok(v) => format!("{v:.3}"),
+        Err(e) => format!("n/a ({e})"),
+    };
+    let ours = lora_step_times(&cfg, batch, seq, repeats).map(median);
+    let theirs = torch_lora(&cfg, batch, seq, repeats);
+    let ratio = match (&ours, &theirs) {
+        (Ok(o), Ok((t, _))) => format!("{:.2}×", t / o),
+        _ => "n/a".into(),
+    };
+    println!("\nLoRA step (r=16, all seven projections, frozen base), batch {batch} × {seq}");
+    println!("| model | candle s/step | torch+PEFT s/step | speed (torch time / candle time) |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| d={}, {} layers | {} | {} | {ratio} |",
+        cfg.hidden_size,
+        cfg.num_hidden_layers,
+        fmt(&ours),
+        fmt(&theirs
+            .as_ref()
+            .map(|t| t.0)
+            .map_err(|e| anyhow::anyhow!("{e}")))
+    );
+    let smol = smol_config(tiny);
+    let (rb, rt) = if tiny { (2, 16) } else { (BATCH, SEQ) };
+    let ours = child_peak_rss(tiny, rb, rt);
+    let theirs = smol
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .and_then(|c| torch_lora(c, rb, rt, 1).map(|t| t.1));
+    println!("\npeak RSS of a LoRA step, SmolLM2-135M shape (random weights), batch {rb} × {rt}");
+    println!("| candle MB | torch+PEFT MB |\n| --- | --- |");
+    println!("| {} | {} |", fmt(&ours), fmt(&theirs));
+    println!("goals: LoRA step ≥ 1.25× torch; peak RSS no higher than torch's");
 }
 
 fn sample_times(dim: usize, layers: usize, tok: &Tokenizer, repeats: usize) -> Result<Vec<f64>> {
@@ -191,6 +379,15 @@ fn main() -> Result<()> {
     if std::env::var("OSP_BENCH_CHILD").as_deref() == Ok("judge") {
         return judge_child(&root);
     }
+    if let Ok(kind) = std::env::var("OSP_BENCH_RSS_CHILD") {
+        let shape = std::env::var("OSP_BENCH_RSS_SHAPE").unwrap_or_default();
+        return rss_child(&kind, &shape);
+    }
+    let tiny = std::env::var("OSP_BENCH_TINY").is_ok_and(|v| v == "1");
+    if tiny {
+        lora_rows(true, 1);
+        return Ok(());
+    }
     let tok_path = root.join("../shared/data/models/stories260K/tok512.bin");
     let tok = Tokenizer::from_llama2c(&tok_path, VOCAB)
         .context("the sampling bench decodes with the stories260K tokenizer (vocab 512)")?;
@@ -233,6 +430,7 @@ fn main() -> Result<()> {
     println!(
         "goals: sampling ≥ 1.5× torch's tokens/s; a training step no slower than torch's (≥ 1.0×)"
     );
+    lora_rows(false, repeats);
     if std::env::var("OSP_BENCH_SKIP_INFERENCE").is_err() {
         inference_rows(&root, &tok, repeats)?;
     }
@@ -243,7 +441,7 @@ fn main() -> Result<()> {
 
 /// A SmolLM2-135M-shaped model (random weights): 30 layers, d=576, 9/3 heads, FFN 1536,
 /// vocab 49,152, tied head. `OSP_BENCH_SMOL_LAYERS` shrinks it for smoke runs.
-fn smol_config() -> ModelConfig {
+fn smol_engine_config() -> ModelConfig {
     let layers: usize = std::env::var("OSP_BENCH_SMOL_LAYERS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -426,22 +624,10 @@ fn judge_ids(root: &Path, vocab: usize) -> Result<JudgeInput> {
     Ok((ids, judge.answer_ids()))
 }
 
-/// Peak resident memory of this process (VmHWM), in MB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Child mode (`OSP_BENCH_CHILD=judge`): judges the ids in a fresh process so that its peak
 /// memory is the judge's alone; prints {"secs", "peak_rss_mb"}.
 fn judge_child(root: &Path) -> Result<()> {
-    let cfg = smol_config();
+    let cfg = smol_engine_config();
     let (ids, answers) = judge_ids(root, cfg.vocab_size)?;
     let model = Llama::new(
         &cfg,
@@ -457,7 +643,7 @@ fn judge_child(root: &Path) -> Result<()> {
     anyhow::ensure!(p.len() == ids.len() && p.iter().all(|v| v.is_finite()));
     println!(
         "{}",
-        serde_json::json!({"secs": secs, "peak_rss_mb": peak_rss_mb(), "prompts": ids.len(),
+        serde_json::json!({"secs": secs, "peak_rss_mb": peak_rss_mb().unwrap_or(f64::NAN), "prompts": ids.len(),
             "tokens": ids.iter().map(Vec::len).sum::<usize>()})
     );
     Ok(())
@@ -473,7 +659,7 @@ fn inference_rows(root: &Path, tok: &Tokenizer, repeats: usize) -> Result<()> {
     println!("| --- | --- | --- | --- | --- | --- |");
     let gpt2 = Tokenizer::from_hf_dir(&root.join("../shared/data/models/gpt2-tokenizer"))?;
     let d512 = config(512, 8);
-    let smol = smol_config();
+    let smol = smol_engine_config();
     for (name, cfg, prompts, k, t) in [
         ("d=512/8 layers, batch 8", &d512, 8, 1, tok),
         ("d=512/8 layers, 8 prompts × K=7", &d512, 8, 7, tok),

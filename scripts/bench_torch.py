@@ -15,6 +15,9 @@ untied lm_head, rope_theta 1e4, rms_norm_eps 1e-5, attn_implementation "sdpa".
   train : forward on random ids [batch, seq], causal-LM cross-entropy (labels = ids, shifted
           inside HF: mean over batch * (seq - 1) targets), backward, AdamW step
           (lr 1e-4, weight_decay 0.01), zero_grad. Reports median seconds per step.
+  lora  : as train with PEFT LoRA (r = --lora-r, alpha 2r, dropout 0) on all seven projections
+          and the base frozen (requires_grad=False); AdamW over the adapters only. Also reports
+          peak_rss_mb (ru_maxrss of this process, which includes torch itself).
   sample: model.generate(ids [batch, prompt_len], do_sample=True, temperature=1.0, top_k=0,
           top_p=1.0, max_new_tokens=N, min_new_tokens=N, use_cache=True, pad_token_id=0)
           under torch.inference_mode(). Reports median seconds per call and
@@ -41,7 +44,7 @@ def llama2c_hidden(dim, multiple_of=32):
 
 def parse_args():
     ap = argparse.ArgumentParser(description="PyTorch Llama benchmark (train step / sampling)")
-    ap.add_argument("--what", choices=["train", "sample", "judge"], required=True)
+    ap.add_argument("--what", choices=["train", "lora", "sample", "judge"], required=True)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=None, help="default: dim // 64")
@@ -49,6 +52,7 @@ def parse_args():
     ap.add_argument("--hidden", type=int, default=None,
                     help="SwiGLU hidden size; default: llama2.c rule (int(8*dim/3) rounded up to 32)")
     ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -131,9 +135,19 @@ def run(a):
     runs = []
     if a.what == "judge":
         return judge(a, model, torch, params, transformers)
-    if a.what == "train":
+    if a.what == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(
+            r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"]))
+    if a.what in ("train", "lora"):
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
         g = torch.Generator().manual_seed(a.seed + 1)
 
         def step():
@@ -155,8 +169,12 @@ def run(a):
             losses.append(loss)
             print(f"train step {i}: {dt:.4f}s loss={loss:.4f}", file=sys.stderr)
         med = statistics.median(runs)
+        import resource
+
         extra = {"loss_first": losses[0], "loss_last": losses[-1],
-                 "tokens_per_s": a.batch * a.seq / med}
+                 "tokens_per_s": a.batch * a.seq / med,
+                 "trainable": sum(p.numel() for p in trainable),
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     else:
         model.eval()
         g = torch.Generator().manual_seed(a.seed + 1)

@@ -2,6 +2,7 @@
 //! embeddings, grouped-query attention, SwiGLU MLP, tied or untied LM head, optional biases.
 //! Weights carry their Hugging Face names.
 use super::config::ModelConfig;
+use super::fast;
 use super::ops::{frozen_linear, rms_norm, rope, rope_tables, softmax_last_dim};
 use crate::lora::{peft_name, LoraConfig, LoraContext, LoraLayer};
 use anyhow::{anyhow, bail, Context, Result};
@@ -230,6 +231,7 @@ pub(crate) struct Attention {
 
 impl Attention {
     /// x [b, t, d]; cos/sin [b, t, hd/2]; bias [b, 1, t, T] where T counts cached keys too.
+    /// `fused` runs the uncached case through `fast::attention` (same maths, one kernel).
     fn forward(
         &self,
         x: &Tensor,
@@ -237,6 +239,7 @@ impl Attention {
         sin: &Tensor,
         bias: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        fused: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -257,6 +260,10 @@ impl Attention {
             .transpose(1, 2)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
+        if fused && cache.is_none() {
+            let y = fast::attention(&q, &k, &v, bias, 1.0 / (hd as f32).sqrt())?;
+            return self.o_proj.forward(&y.reshape((b, t, h * hd))?);
+        }
         let mut v = v.contiguous()?;
         if let Some(cache) = cache {
             if let Some((pk, pv)) = cache.as_ref() {
@@ -288,7 +295,11 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused {
+            let y = fast::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+            return self.down_proj.forward(&y);
+        }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
@@ -336,6 +347,9 @@ pub struct Llama {
     lora: Option<(LoraConfig, Arc<LoraContext>)>,
     /// Made by `snapshot()`: frozen storage nobody writes, so snapshotting again is a clone.
     frozen: bool,
+    /// Whether CPU f32 forwards without a cache use the fused kernels of `model::fast`
+    /// (default) instead of the composed ops written out in this file.
+    fused: bool,
     device: Device,
 }
 
@@ -437,6 +451,7 @@ impl Llama {
             vars,
             lora,
             frozen: false,
+            fused: true,
             device,
         })
     }
@@ -531,6 +546,7 @@ impl Llama {
             vars: vec![],
             lora: None,
             frozen: false,
+            fused: self.fused,
             device: self.device.clone(),
         })
     }
@@ -649,14 +665,35 @@ impl Llama {
             c.layers.resize(self.layers.len(), None);
         }
         let eps = self.cfg.rms_norm_eps;
+        // Cached decoding keeps the composed ops (its steps must equal the full forward).
+        let fused = self.fused && cache.is_none() && fast::applies(&x);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, bias, layer_cache)?)?;
+            let a = layer
+                .self_attn
+                .forward(&h, &cos, &sin, bias, layer_cache, fused)?;
+            x = (x + a)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = (x + layer.mlp.forward(&h, fused)?)?;
         }
         Ok(rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Switches the fused CPU kernels (`model::fast`) on or off; off runs the composed ops of
+    /// this file, the reference the fused path is tested against.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// The head's weight [vocab, d] when the head is a plain product (no adapter, no bias),
+    /// which the fused log-probability kernel can take.
+    fn plain_head(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            None => Some(&self.embed_tokens),
+            Some(l) if l.lora.is_none() && l.bias.is_none() => Some(&l.weight),
+            Some(_) => None,
+        }
     }
 
     /// LM-head logits for hidden states [.., d] → [.., vocab].
@@ -709,6 +746,29 @@ impl Llama {
         }
         let batch = TokenBatch::right_padded(seqs, &self.device)?;
         let t = batch.len;
+        if let (true, Some(w)) = (
+            self.fused && fast::applies(&self.embed_tokens),
+            self.plain_head(),
+        ) {
+            // Only response tokens' log-probabilities, never the [tokens, vocab] logits.
+            let h = self.forward_hidden(&batch.ids, &batch.positions, &batch.bias, None)?;
+            let d = self.cfg.hidden_size;
+            let h = h
+                .narrow(1, 0, t - 1)?
+                .contiguous()?
+                .reshape((seqs.len() * (t - 1), d))?;
+            let mut selected = vec![];
+            for (i, (s, m)) in seqs.iter().zip(loss_mask).enumerate() {
+                for j in 1..s.len() {
+                    if m[j] {
+                        selected.push((i * (t - 1) + j - 1, s[j]));
+                    }
+                }
+            }
+            let per_token =
+                fast::target_logprobs(&h, w, &selected)?.reshape((seqs.len(), t - 1))?;
+            return Ok((per_token.sum(1)?, per_token));
+        }
         let logits = self.forward(&batch)?.narrow(1, 0, t - 1)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = batch

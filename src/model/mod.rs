@@ -1,6 +1,7 @@
 //! The transformer, its configuration, its differentiable custom ops and checkpoint loading.
 pub mod config;
 pub mod export;
+pub mod fast;
 pub mod init;
 pub mod llama;
 pub mod load;

@@ -2,8 +2,8 @@
 //! preference file against πref.
 use super::method::{Method, TrainConfig};
 use super::pairs::{
-    load_pairs, pair_logps, pair_logps_detached, reference_for, tokenize_pair, tokens_of,
-    TokenizedPair,
+    cache_reference_logps, cached_reference_logps, load_pairs, pair_logps, pair_logps_detached,
+    reference_for, tokenize_pair, tokens_of, TokenizedPair,
 };
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
@@ -25,10 +25,11 @@ pub struct OfflineOutcome {
 }
 
 /// The loss on a slice of pairs; strengths are the data's (SPCE) or absent (DPO-family).
-fn batch_loss(
+/// πref's log-probabilities come from the pairs' caches when filled, else from `reference`.
+pub fn batch_loss(
     cfg: &TrainConfig,
     policy: &Llama,
-    reference: &Llama,
+    reference: Option<&Llama>,
     pairs: &[&TokenizedPair],
 ) -> Result<(LossOutput, usize)> {
     let refs: Vec<(&[u32], &[u32], &[u32])> = pairs
@@ -41,7 +42,11 @@ fn batch_loss(
             )
         })
         .collect();
-    let (ref_c, ref_r) = pair_logps_detached(reference, &refs)?;
+    let (ref_c, ref_r) = match (cached_reference_logps(pairs, policy.device())?, reference) {
+        (Some(cached), _) => cached,
+        (None, Some(reference)) => pair_logps_detached(reference, &refs)?,
+        (None, None) => bail!("πref log-probabilities are neither cached nor computable"),
+    };
     let (pol_c, pol_r) = pair_logps(policy, &refs)?;
     let strength = match cfg.method {
         Method::SpceOffline => {
@@ -69,7 +74,7 @@ fn batch_loss(
 pub fn eval_pairs(
     cfg: &TrainConfig,
     policy: &Llama,
-    reference: &Llama,
+    reference: Option<&Llama>,
     pairs: &[TokenizedPair],
 ) -> Result<Map<String, Value>> {
     let frozen = policy.snapshot()?;
@@ -156,7 +161,15 @@ pub fn run_offline_with(
     if train.is_empty() {
         bail!("{}: no usable preference pairs", path.display());
     }
-    let reference = reference_for(&lm.model)?;
+    let (mut train, mut eval) = (train, eval);
+    {
+        // πref is frozen: its log-probabilities are computed once here (a resumed run
+        // recomputes the same values) and πref itself is dropped before training.
+        let reference = reference_for(&lm.model)?;
+        let batch = cfg.train.batch_size;
+        cache_reference_logps(&reference, &mut train, batch)?;
+        cache_reference_logps(&reference, &mut eval, batch)?;
+    }
     let what = format!("{:?}", cfg.method);
     let (mut trainer, data) =
         Trainer::start(lm.model.clone(), &cfg.optim, &cfg.train, resume, &what, cfg)?;
@@ -175,7 +188,7 @@ pub fn run_offline_with(
         for _ in 0..cfg.train.grad_accum {
             let idx = cursor.next_batch(train.len(), cfg.train.batch_size);
             let batch: Vec<&TokenizedPair> = idx.iter().map(|&i| &train[i]).collect();
-            let (out, tokens) = batch_loss(cfg, &trainer.model, &reference, &batch)?;
+            let (out, tokens) = batch_loss(cfg, &trainer.model, None, &batch)?;
             trainer.accumulate(&out.loss, tokens)?;
             let mut m = out.metrics.to_json();
             m.insert("loss".into(), json!(out.loss.to_scalar::<f32>()? as f64));
@@ -195,7 +208,7 @@ pub fn run_offline_with(
         }
         if trainer.eval_due() {
             if !eval.is_empty() {
-                let mut m = eval_pairs(cfg, &trainer.model, &reference, &eval)?;
+                let mut m = eval_pairs(cfg, &trainer.model, None, &eval)?;
                 m.insert("step".into(), json!(trainer.step()));
                 trainer.log(Value::Object(m.clone()))?;
                 evals.push((trainer.step(), m));

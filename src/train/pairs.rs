@@ -87,6 +87,9 @@ pub struct TokenizedPair {
     pub rejected: Vec<u32>,
     pub strength: Option<f64>,
     pub source: String,
+    /// πref's summed log-probabilities of (chosen, rejected), filled once by
+    /// `cache_reference_logps` so that offline training does not recompute them every step.
+    pub ref_logps: Option<(f32, f32)>,
 }
 
 /// Tokenizes a pair; responses are cut so prompt + response fits in `max_len` (the prompt
@@ -130,6 +133,7 @@ pub fn tokenize_pair(
         rejected,
         strength: p.strength,
         source: p.source.clone(),
+        ref_logps: None,
     }))
 }
 
@@ -196,6 +200,55 @@ pub fn response_logps(model: &Llama, seqs: &[(&[u32], &[u32])]) -> Result<Tensor
     }
     let (ids, masks): (Vec<_>, Vec<_>) = seqs.iter().map(|(p, r)| join(p, r)).unzip();
     model.sequence_logps(&ids, &masks)
+}
+
+/// Fills every pair's `ref_logps` with πref's log-probabilities, `batch` pairs at a time. πref
+/// is frozen, so these values are the same at every step and epoch; computing them once
+/// removes a forward pass of the reference model from every training step.
+pub fn cache_reference_logps(
+    reference: &Llama,
+    pairs: &mut [TokenizedPair],
+    batch: usize,
+) -> Result<()> {
+    for chunk in pairs.chunks_mut(batch.max(1)) {
+        let refs: Vec<(&[u32], &[u32], &[u32])> = chunk
+            .iter()
+            .map(|p| {
+                (
+                    p.prompt.as_slice(),
+                    p.chosen.as_slice(),
+                    p.rejected.as_slice(),
+                )
+            })
+            .collect();
+        let (c, r) = pair_logps_detached(reference, &refs)?;
+        let (c, r) = (c.to_vec1::<f32>()?, r.to_vec1::<f32>()?);
+        for ((p, c), r) in chunk.iter_mut().zip(c).zip(r) {
+            p.ref_logps = Some((c, r));
+        }
+    }
+    Ok(())
+}
+
+/// πref's (chosen, rejected) log-probabilities [n] of `pairs` from their caches, or None when
+/// a pair has none.
+pub fn cached_reference_logps(
+    pairs: &[&TokenizedPair],
+    device: &candle_core::Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(v) = pairs
+        .iter()
+        .map(|p| p.ref_logps)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(None);
+    };
+    let (c, r): (Vec<f32>, Vec<f32>) = v.into_iter().unzip();
+    let n = pairs.len();
+    Ok(Some((
+        Tensor::from_vec(c, n, device)?,
+        Tensor::from_vec(r, n, device)?,
+    )))
 }
 
 /// Token count of a padded batch, for throughput.

@@ -1,0 +1,266 @@
+//! log softmax(h·Wᵀ)[target] for selected rows, without materialising [tokens, vocab] logits.
+//!
+//! Rows are processed in chunks of `ROWS`: one gemm gives the chunk's logits over the whole
+//! vocabulary (ROWS × vocab floats, 25 MB at vocab 49,152), a row pass turns them into the
+//! target's log-probability, and the chunk buffer is reused. Backward recomputes the chunk's
+//! logits, forms dlogits = g·(onehot − softmax) in place and multiplies it out into dh (and dW
+//! when the head is trained), so neither pass keeps more than one chunk of logits.
+use super::slice;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Rows per chunk: enough for an efficient gemm, small enough to stay in a few tens of MB.
+const ROWS: usize = 128;
+
+/// Log-probabilities [n] of `targets` under the head `w` [vocab, d] for the hidden states
+/// `h` [n, d]: entry i is log softmax(h_i·Wᵀ)[y] for each (i, y) in `selected`, 0 for rows
+/// not selected (which get no gradient). Differentiable in h, and in w when w is tracked.
+pub fn target_logprobs(h: &Tensor, w: &Tensor, selected: &[(usize, u32)]) -> Result<Tensor> {
+    let (n, d) = h.dims2()?;
+    let (vocab, dw) = w.dims2()?;
+    if d != dw {
+        candle_core::bail!(
+            "target_logprobs: hidden {:?} vs head {:?}",
+            h.dims(),
+            w.dims()
+        );
+    }
+    for &(row, y) in selected {
+        if row >= n || y as usize >= vocab {
+            candle_core::bail!(
+                "target_logprobs: row {row} / token {y} outside {n} rows / vocab {vocab}"
+            );
+        }
+    }
+    let op = TargetLogprobs {
+        selected: Arc::new(selected.to_vec()),
+        head_grad: w.track_op(),
+    };
+    h.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+struct TargetLogprobs {
+    selected: Arc<Vec<(usize, u32)>>,
+    /// Whether the head is trained (a frozen head's gradient is never computed).
+    head_grad: bool,
+}
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// logits [r, vocab] = hc [r, d] · Wᵀ.
+fn logits(hc: &[f32], w: &[f32], r: usize, d: usize, vocab: usize, out: &mut [f32]) {
+    // SAFETY: out holds r×vocab, hc r×d and w vocab×d elements, all row-major; the strides
+    // below address exactly those.
+    unsafe {
+        gemm::gemm(
+            r,
+            vocab,
+            d,
+            out.as_mut_ptr(),
+            1,
+            vocab as isize,
+            false,
+            hc.as_ptr(),
+            1,
+            d as isize,
+            w.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        );
+    }
+}
+
+/// Copies the chunk's selected hidden rows into a dense [r, d] buffer.
+fn gather(h: &[f32], chunk: &[(usize, u32)], d: usize) -> Vec<f32> {
+    let mut hc = Vec::with_capacity(chunk.len() * d);
+    for &(row, _) in chunk {
+        hc.extend_from_slice(&h[row * d..(row + 1) * d]);
+    }
+    hc
+}
+
+/// (max, log Σ exp(x − max)) of a row.
+fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
+    (max, sum.ln())
+}
+
+impl CustomOp2 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "osp-target-logprobs"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let (n, d) = l1.shape().dims2()?;
+        let vocab = l2.shape().dims2()?.0;
+        let mut out = vec![0f32; n];
+        let mut buf = vec![0f32; ROWS * vocab];
+        for chunk in self.selected.chunks(ROWS) {
+            let r = chunk.len();
+            let hc = gather(h, chunk, d);
+            logits(&hc, w, r, d, vocab, &mut buf[..r * vocab]);
+            let lp: Vec<f32> = buf[..r * vocab]
+                .par_chunks(vocab)
+                .zip(chunk.par_iter())
+                .map(|(row, &(_, y))| {
+                    let (max, lse) = log_sum_exp(row);
+                    row[y as usize] - max - lse
+                })
+                .collect();
+            for (&(i, _), v) in chunk.iter().zip(lp) {
+                out[i] = v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = h.dims2()?;
+        let vocab = w.dim(0)?;
+        let both = h.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &TargetLogprobsBwd {
+                selected: self.selected.clone(),
+                head_grad: self.head_grad,
+            },
+        )?;
+        let dh = both.narrow(0, 0, n * d)?.reshape((n, d))?;
+        let dw = if self.head_grad {
+            Some(both.narrow(0, n * d, vocab * d)?.reshape((vocab, d))?)
+        } else {
+            None
+        };
+        Ok((Some(dh), dw))
+    }
+}
+
+/// dh [n, d] followed by dW [vocab, d] (when the head is trained), flat.
+struct TargetLogprobsBwd {
+    selected: Arc<Vec<(usize, u32)>>,
+    head_grad: bool,
+}
+
+impl CustomOp3 for TargetLogprobsBwd {
+    fn name(&self) -> &'static str {
+        "osp-target-logprobs-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let g = slice(s3, l3, self.name())?;
+        let (n, d) = l1.shape().dims2()?;
+        let vocab = l2.shape().dims2()?.0;
+        let head = if self.head_grad { vocab * d } else { 0 };
+        let mut out = vec![0f32; n * d + head];
+        let (dh, dw) = out.split_at_mut(n * d);
+        let mut buf = vec![0f32; ROWS * vocab];
+        let mut first = true;
+        for chunk in self.selected.chunks(ROWS) {
+            let r = chunk.len();
+            let hc = gather(h, chunk, d);
+            let dl = &mut buf[..r * vocab];
+            logits(&hc, w, r, d, vocab, dl);
+            // dlogits = g_i·(onehot(y) − softmax(row)).
+            dl.par_chunks_mut(vocab)
+                .zip(chunk.par_iter())
+                .for_each(|(row, &(i, y))| {
+                    let (max, lse) = log_sum_exp(row);
+                    let gi = g[i];
+                    for x in row.iter_mut() {
+                        *x = -gi * (*x - max - lse).exp();
+                    }
+                    row[y as usize] += gi;
+                });
+            let mut dhc = vec![0f32; r * d];
+            // SAFETY: dl is r×vocab, w vocab×d, dhc r×d, hc r×d, dw vocab×d, row-major.
+            unsafe {
+                // dhc [r, d] = dl [r, vocab] · W [vocab, d].
+                gemm::gemm(
+                    r,
+                    d,
+                    vocab,
+                    dhc.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    dl.as_ptr(),
+                    1,
+                    vocab as isize,
+                    w.as_ptr(),
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    threads(),
+                );
+                if self.head_grad {
+                    // dW [vocab, d] += dlᵀ [vocab, r] · hc [r, d].
+                    gemm::gemm(
+                        vocab,
+                        d,
+                        r,
+                        dw.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        !first,
+                        dl.as_ptr(),
+                        vocab as isize,
+                        1,
+                        hc.as_ptr(),
+                        1,
+                        d as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        threads(),
+                    );
+                }
+            }
+            first = false;
+            for (k, &(i, _)) in chunk.iter().enumerate() {
+                dh[i * d..(i + 1) * d].copy_from_slice(&dhc[k * d..(k + 1) * d]);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n * d + head)))
+    }
+}
