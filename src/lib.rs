@@ -3,6 +3,7 @@ pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod gguf;
 pub mod io;
 pub mod judge;
 pub mod lora;
