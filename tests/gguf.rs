@@ -282,14 +282,13 @@ fn smollm_logits_greedy_and_export_match() {
         let b = Tensor::new(want.clone(), &Device::Cpu).unwrap();
         assert!(max_abs(&a, &b) < 1e-5, "exported folder gives other logits");
     }
-    for (text, _) in [("The capital of France is", 0)] {
-        let g = osp::gguf::GgufFile::open(&path).unwrap();
-        let t0 = osp::model::load::gguf_tokenizer(&g).unwrap();
-        assert_eq!(
-            back.tokenizer.encode(text, true).unwrap(),
-            t0.encode(text, true).unwrap()
-        );
-    }
+    let text = "The capital of France is";
+    let g = osp::gguf::GgufFile::open(&path).unwrap();
+    let t0 = osp::model::load::gguf_tokenizer(&g).unwrap();
+    assert_eq!(
+        back.tokenizer.encode(text, true).unwrap(),
+        t0.encode(text, true).unwrap()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -432,9 +431,8 @@ fn gguf_tensors(
         };
         let q = QTensor::quantize(&t, dt).unwrap();
         let mut d = q.dequantize(&Device::Cpu).unwrap();
-        if heads > 0 {
+        if let Some(hd) = d.dims()[0].checked_div(heads) {
             // Undo the permutation on the dequantised rows (blocks run along rows).
-            let hd = d.dims()[0] / heads;
             let cols = d.dims()[1];
             d = d
                 .reshape((heads, hd / 2, 2, cols))
