@@ -54,10 +54,10 @@ pub struct JudgeConfig {
     /// Render the judge prompt as a chat: `template` filled in is the user message, the
     /// tokenizer's chat template wraps it with the generation prompt, and the verdict is the
     /// first token of the assistant's reply. A template and answers left at their plain
-    /// defaults switch to `DEFAULT_CHAT_TEMPLATE` and "A"/"B". Default false: the plain
-    /// template works for every model, base or chat, and keeps existing runs and
-    /// judge-training data unchanged; chat models were tuned on their template, so try
-    /// true for them and compare `osp judge` accuracy on held-out pairs.
+    /// defaults switch to `DEFAULT_CHAT_TEMPLATE` and "A"/"B". Off by default because the
+    /// plain template works for every model, base or chat, and keeps existing runs and
+    /// judge-training data unchanged; chat models were tuned on their template, so try it
+    /// for them and compare `osp judge` accuracy on held-out pairs. Default false.
     pub chat: bool,
 }
 
