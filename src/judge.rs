@@ -12,6 +12,15 @@ use serde::{Deserialize, Serialize};
 /// Default template: ends exactly where the answer token comes.
 pub const DEFAULT_TEMPLATE: &str = "Which response to the prompt is better?\n\nPrompt: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\nThe better response is Response";
 
+/// Default user message of a chat judge (`judge.chat = true`): the task as a question; the
+/// chat template's generation prompt follows, so the verdict is the first token of the
+/// assistant's reply ("A" or "B", without a leading space).
+pub const DEFAULT_CHAT_TEMPLATE: &str = "Which response to the prompt is better?\n\nPrompt: {prompt}\n\nResponse A: {a}\n\nResponse B: {b}\n\nAnswer with a single letter, A or B.";
+
+/// Stands for the user message while the chat template is rendered once, to find the text
+/// around it.
+const CHAT_MARK: &str = "\u{1}osp-judge-message\u{1}";
+
 /// Which weights judge during online training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +52,14 @@ pub struct JudgeConfig {
     /// Longest judge prompt in tokens (0: the model's limit); longer ones lose the start of
     /// the task prompt. Default 0.
     pub max_len: usize,
+    /// Render the judge prompt as a chat: `template` filled in is the user message, the
+    /// tokenizer's chat template wraps it with the generation prompt, and the verdict is the
+    /// first token of the assistant's reply. A template and answers left at their plain
+    /// defaults switch to `DEFAULT_CHAT_TEMPLATE` and "A"/"B". Off by default because the
+    /// plain template works for every model, base or chat, and keeps existing runs and
+    /// judge-training data unchanged; chat models were tuned on their template, so try it
+    /// for them and compare `osp judge` accuracy on held-out pairs. Default false.
+    pub chat: bool,
 }
 
 impl Default for JudgeConfig {
@@ -55,6 +72,7 @@ impl Default for JudgeConfig {
             model: JudgeModel::Current,
             batch_size: 16,
             max_len: 0,
+            chat: false,
         }
     }
 }
@@ -87,6 +105,8 @@ pub struct Judge {
     answer_a: u32,
     answer_b: u32,
     bos: Option<u32>,
+    /// `cfg.template`, inside the chat template's text when `cfg.chat`.
+    full_template: String,
 }
 
 /// A judge template with `{prompt}`, `{a}` and `{b}` filled in.
@@ -98,7 +118,18 @@ pub fn render_template(template: &str, prompt: &str, a: &str, b: &str) -> String
 }
 
 impl Judge {
-    pub fn new(cfg: JudgeConfig, tok: &Tokenizer) -> Result<Self> {
+    pub fn new(mut cfg: JudgeConfig, tok: &Tokenizer) -> Result<Self> {
+        let full_template = if cfg.chat {
+            if cfg.template == DEFAULT_TEMPLATE {
+                cfg.template = DEFAULT_CHAT_TEMPLATE.to_string();
+            }
+            if (cfg.answer_a.as_str(), cfg.answer_b.as_str()) == (" A", " B") {
+                (cfg.answer_a, cfg.answer_b) = ("A".into(), "B".into());
+            }
+            chat_wrapped(&cfg.template, tok)?
+        } else {
+            cfg.template.clone()
+        };
         for key in ["{prompt}", "{a}", "{b}"] {
             if !cfg.template.contains(key) {
                 bail!("judge.template has no {key} placeholder");
@@ -126,7 +157,8 @@ impl Judge {
             cfg,
             answer_a,
             answer_b,
-            bos: tok.bos_id(),
+            bos: tok.sequence_bos(),
+            full_template,
         };
         let bare = judge.protected_len(tok, "", "", "")?;
         if judge.cfg.max_len > 0 && bare >= judge.cfg.max_len {
@@ -143,7 +175,7 @@ impl Judge {
     /// what cutting an over-long prompt must never reach, or the judge would compare less
     /// than both responses.
     fn protected_len(&self, tok: &Tokenizer, prompt: &str, a: &str, b: &str) -> Result<usize> {
-        let t = &self.cfg.template;
+        let t = &self.full_template;
         let at = [t.find("{a}"), t.find("{b}")]
             .into_iter()
             .flatten()
@@ -164,7 +196,7 @@ impl Judge {
 
     /// The judge prompt's text for (x, a, b).
     pub fn render(&self, prompt: &str, a: &str, b: &str) -> String {
-        render_template(&self.cfg.template, prompt, a, b)
+        render_template(&self.full_template, prompt, a, b)
     }
 
     /// Token ids of the judge prompt, cut from the left to `limit` tokens.
@@ -276,6 +308,27 @@ impl Judge {
     }
 }
 
+/// `template` as the user message of `tok`'s chat template, with the generation prompt: the
+/// template is rendered once around a marker, and the text around it kept.
+fn chat_wrapped(template: &str, tok: &Tokenizer) -> Result<String> {
+    if !tok.has_chat_template() {
+        bail!("judge.chat = true, but the tokenizer has no chat template");
+    }
+    let msg = [crate::tokenizer::ChatMessage::new("user", CHAT_MARK)];
+    let text = tok
+        .apply_chat_template(&msg, true)
+        .context("judge.chat = true: rendering the chat template")?;
+    let Some((pre, post)) = text.split_once(CHAT_MARK) else {
+        bail!("judge.chat = true: the chat template does not show the user message verbatim");
+    };
+    for key in ["{prompt}", "{a}", "{b}"] {
+        if pre.contains(key) || post.contains(key) {
+            bail!("judge.chat = true: the chat template's own text contains {key}");
+        }
+    }
+    Ok(format!("{pre}{template}{post}"))
+}
+
 /// s(y1 ≻ y2) = ½[p_AB(x, y1, y2) + 1 − p_AB(x, y2, y1)]; p_AB alone without the second order.
 /// With p_AB = σ(d + b) for a quality gap d and a constant position bias b, this is
 /// ½[σ(d+b) + σ(d−b)]: even in b, ½ exactly at d = 0, and above ½ iff d > 0.
@@ -319,8 +372,23 @@ impl Judge {
             .map(|p| (p.prompt.as_str(), p.chosen.as_str(), p.rejected.as_str()))
             .collect();
         let js = self.judge(model, tok, &items)?;
+        Ok(JudgeReport::from_judgements(
+            pairs,
+            &js,
+            self.cfg.both_orders,
+        ))
+    }
+}
+
+impl JudgeReport {
+    /// Scores judgements of labelled pairs (chosen ≻ rejected), in data order.
+    pub fn from_judgements(
+        pairs: &[crate::data::PreferencePair],
+        js: &[Judgement],
+        both_orders: bool,
+    ) -> JudgeReport {
         let s: Vec<f64> = js.iter().map(|j| j.strength).collect();
-        let position_bias_rate = if self.cfg.both_orders {
+        let position_bias_rate = if both_orders {
             let pf: Vec<f64> = js.iter().map(|j| j.p_forward).collect();
             let pb: Vec<f64> = js.iter().filter_map(|j| j.p_backward).collect();
             Some(crate::eval::position_bias_rate(&pf, &pb))
@@ -332,7 +400,7 @@ impl Judge {
             .zip(&s)
             .filter_map(|(p, &si)| p.strength.map(|h| (si, h)))
             .unzip();
-        Ok(JudgeReport {
+        JudgeReport {
             pairs: pairs.len(),
             accuracy: crate::eval::accuracy(&s),
             ece: crate::eval::expected_calibration_error(&s, 10),
@@ -340,6 +408,6 @@ impl Judge {
             mean_abs_margin: crate::eval::mean_decisiveness(&s),
             spearman_vs_data_strength: crate::eval::spearman(&ours, &theirs),
             strengths: s,
-        })
+        }
     }
 }

@@ -4,6 +4,7 @@ pub mod data;
 pub mod demo;
 pub mod engine;
 pub mod eval;
+pub mod gguf;
 pub mod io;
 pub mod judge;
 pub mod lora;

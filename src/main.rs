@@ -138,11 +138,18 @@ struct JudgeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Write one JSON line per pair (index, strength s(chosen ≻ rejected), both orders'
+    /// p_AB, the data's strength, whether the judge agrees) to this file.
+    #[arg(long)]
+    verdicts: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
 struct ExportArgs {
-    /// The base model (Hugging Face folder or llama2.c .bin).
+    /// The base model (Hugging Face folder, GGUF file or llama2.c .bin).
     #[arg(long)]
     model: PathBuf,
     /// Tokenizer, when it is not beside the model.
@@ -164,7 +171,8 @@ struct ExportArgs {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json) or a llama2.c .bin.
+    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json), a GGUF file
+    /// (model and tokenizer in one), or a llama2.c .bin.
     #[arg(long)]
     model: PathBuf,
     /// Tokenizer file or folder, when it is not beside the model.
@@ -203,6 +211,13 @@ struct GenerateArgs {
     /// Prompt text; empty starts from BOS alone.
     #[arg(long, default_value = "")]
     prompt: String,
+    /// Render the prompt as a user message through the model's chat template, with the
+    /// generation prompt (the assistant's turn) after it.
+    #[arg(long)]
+    chat: bool,
+    /// A system message before the user message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Sampling temperature; 0 is greedy (values in (0, 0.001) are refused).
     #[arg(long, default_value_t = SamplingParams::default().temperature)]
     temperature: f64,
@@ -324,7 +339,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     params.validate()?;
     let lm = a.model.load()?;
     let tok = &lm.tokenizer;
-    let prompt = if a.prompt.is_empty() {
+    let prompt = if a.chat {
+        let mut msgs = vec![];
+        if let Some(sys) = &a.system {
+            msgs.push(osp::tokenizer::ChatMessage::new("system", sys));
+        }
+        msgs.push(osp::tokenizer::ChatMessage::new("user", &a.prompt));
+        let text = tok.apply_chat_template(&msgs, true)?;
+        tok.encode(&text, true)?
+    } else if a.prompt.is_empty() {
         let bos = tok
             .bos_id()
             .context("the prompt is empty and the tokenizer has no BOS token to start from")?;
@@ -349,7 +372,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 i, requests[i].seed, g.finish
             );
         }
-        println!("{}{}", a.prompt, g.text);
+        if a.chat {
+            println!("{}", g.text);
+        } else {
+            println!("{}{}", a.prompt, g.text);
+        }
     }
     eprintln!(
         "[{} new tokens in {:.2}s, {:.1} tokens/s]",
@@ -527,6 +554,30 @@ fn cmd_rm_train(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// One JSON line per judged pair, in data order.
+fn write_verdicts(
+    path: &std::path::Path,
+    pairs: &[osp::data::PreferencePair],
+    verdicts: &[osp::judge::Judgement],
+) -> Result<()> {
+    let mut text = String::new();
+    for (i, (p, v)) in pairs.iter().zip(verdicts).enumerate() {
+        let row = serde_json::json!({
+            "index": i,
+            "source": p.source,
+            "strength": v.strength,
+            "p_forward": v.p_forward,
+            "p_backward": v.p_backward,
+            "data_strength": p.strength,
+            "correct": v.strength > 0.5,
+            "position_biased": v.position_biased(),
+        });
+        text.push_str(&row.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn cmd_judge(a: JudgeArgs) -> Result<()> {
     use osp::train::pairs::{load_pairs, DataFormat};
     #[derive(serde::Deserialize, Default)]
@@ -559,8 +610,39 @@ fn cmd_judge(a: JudgeArgs) -> Result<()> {
     anyhow::ensure!(!pairs.is_empty(), "{}: no pairs to judge", a.data.display());
     let start = Instant::now();
     let model = osp::engine::inference_model(&lm.model)?;
-    let report = judge.evaluate(&model, &lm.tokenizer, &pairs)?;
+    // Judged in chunks of a few forward batches so that the bar moves.
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(pairs.len() as u64)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "judging {bar:30} {pos}/{len} pairs [{elapsed_precise} < {eta_precise}]",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let chunk = judge.cfg.batch_size.max(1) * 4;
+    let mut verdicts = Vec::with_capacity(pairs.len());
+    for part in pairs.chunks(chunk) {
+        let items: Vec<(&str, &str, &str)> = part
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.chosen.as_str(), p.rejected.as_str()))
+            .collect();
+        verdicts.extend(judge.judge(&model, &lm.tokenizer, &items)?);
+        bar.inc(part.len() as u64);
+    }
+    bar.finish_and_clear();
+    let report = osp::judge::JudgeReport::from_judgements(&pairs, &verdicts, judge.cfg.both_orders);
     let secs = start.elapsed().as_secs_f64();
+    if let Some(path) = &a.verdicts {
+        write_verdicts(path, &pairs, &verdicts)?;
+        eprintln!(
+            "wrote {} per-pair verdicts to {}",
+            verdicts.len(),
+            path.display()
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

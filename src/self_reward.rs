@@ -169,7 +169,7 @@ impl SelfJudge {
         Ok(Self {
             cfg,
             answer_ids,
-            bos: tok.bos_id(),
+            bos: tok.sequence_bos(),
         })
     }
 

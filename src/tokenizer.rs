@@ -42,6 +42,9 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     pad: Option<u32>,
     unk: Option<u32>,
+    /// Whether a sequence starts with BOS, by the tokenizer's own rules (see
+    /// [`Tokenizer::encode`]).
+    add_bos: bool,
     chat: Option<ChatTemplate>,
 }
 
@@ -55,6 +58,7 @@ impl fmt::Debug for Tokenizer {
             .field("eos", &self.eos)
             .field("pad", &self.pad)
             .field("unk", &self.unk)
+            .field("add_bos", &self.add_bos)
             .field("chat_template", &self.chat)
             .finish()
     }
@@ -114,6 +118,7 @@ impl Tokenizer {
         let vocab = HfVocab::new(&hf);
         let specials = configs.resolve_specials(&hf, &vocab)?;
         let chat = configs.chat_template(dir, &specials)?;
+        let add_bos = configs.add_bos(&hf, specials.bos)?;
         Ok(Self {
             inner: Inner::Hf(Box::new(hf)),
             source: dir.to_path_buf(),
@@ -122,6 +127,45 @@ impl Tokenizer {
             eos: specials.eos,
             pad: specials.pad,
             unk: specials.unk,
+            add_bos,
+            chat,
+        })
+    }
+
+    /// A tokenizer given as the contents of `tokenizer.json` and `tokenizer_config.json`
+    /// (as built from a GGUF file's metadata); `source` names where they came from.
+    pub fn from_hf_values(
+        tokenizer_json: &Json,
+        tokenizer_config: &Json,
+        source: &Path,
+    ) -> Result<Self> {
+        let hf: tokenizers::Tokenizer = serde_json::from_value(tokenizer_json.clone())
+            .map_err(|e| anyhow!("{}: building the tokenizer: {e}", source.display()))?;
+        let configs = HfConfigs {
+            tokenizer_config: Some(ConfigFile {
+                path: source.to_path_buf(),
+                json: tokenizer_config.clone(),
+            }),
+            ..HfConfigs::default()
+        };
+        let vocab = HfVocab::new(&hf);
+        let specials = configs.resolve_specials(&hf, &vocab)?;
+        let chat = match &configs.tokenizer_config {
+            Some(cfg) => {
+                template_field(cfg)?.map(|(origin, src)| ChatTemplate::new(origin, src, &specials))
+            }
+            None => None,
+        };
+        let add_bos = configs.add_bos(&hf, specials.bos)?;
+        Ok(Self {
+            inner: Inner::Hf(Box::new(hf)),
+            source: source.to_path_buf(),
+            vocab_size: vocab.size,
+            bos: specials.bos,
+            eos: specials.eos,
+            pad: specials.pad,
+            unk: specials.unk,
+            add_bos,
             chat,
         })
     }
@@ -135,7 +179,9 @@ impl Tokenizer {
         }
         let hf = load_hf_json(path)?;
         let vocab = HfVocab::new(&hf);
-        let specials = HfConfigs::default().resolve_specials(&hf, &vocab)?;
+        let configs = HfConfigs::default();
+        let specials = configs.resolve_specials(&hf, &vocab)?;
+        let add_bos = configs.add_bos(&hf, specials.bos)?;
         Ok(Self {
             inner: Inner::Hf(Box::new(hf)),
             source: path.to_path_buf(),
@@ -144,6 +190,7 @@ impl Tokenizer {
             eos: specials.eos,
             pad: specials.pad,
             unk: specials.unk,
+            add_bos,
             chat: None,
         })
     }
@@ -167,14 +214,20 @@ impl Tokenizer {
             eos: vec![LLAMA2C_EOS, LLAMA2C_BOS],
             pad: None,
             unk: Some(LLAMA2C_UNK),
+            // run.c starts every sequence with BOS.
+            add_bos: true,
             chat: None,
         })
     }
 
-    /// Encode `text`; with `add_bos`, the BOS id is prepended when the tokenizer has one.
-    /// EOS is never added. Special tokens written in the text (such as `<|im_start|>`)
-    /// are recognised by Hugging Face tokenizers, not by llama2.c ones.
+    /// Encode `text`. `add_bos` says that the text starts a sequence: BOS is then prepended
+    /// when the tokenizer's own rules add one ([`Tokenizer::adds_bos`]) and the text does not
+    /// already begin with it (a rendered chat template often writes the BOS text itself:
+    /// ChatML models such as SmolLM2 use `<|im_start|>` as BOS). EOS is never added. Special
+    /// tokens written in the text (such as `<|im_start|>`) are recognised by Hugging Face
+    /// tokenizers, not by llama2.c ones.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let add_bos = add_bos && self.add_bos;
         match &self.inner {
             Inner::Hf(hf) => {
                 let enc = hf.encode(text, false).map_err(|e| {
@@ -185,7 +238,7 @@ impl Tokenizer {
                     )
                 })?;
                 let mut ids = Vec::with_capacity(enc.len() + 1);
-                if add_bos {
+                if add_bos && enc.get_ids().first() != self.bos.as_ref() {
                     ids.extend(self.bos);
                 }
                 ids.extend_from_slice(enc.get_ids());
@@ -232,6 +285,18 @@ impl Tokenizer {
 
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
+    }
+
+    /// Whether a sequence starts with BOS: `add_bos_token` in tokenizer_config.json when it
+    /// says, else whether tokenizer.json's post-processor adds BOS (what transformers does);
+    /// always for llama2.c (run.c); the GGUF `tokenizer.ggml.add_bos_token` flag for GGUF.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// The BOS id a sequence starts with, when the tokenizer adds one.
+    pub fn sequence_bos(&self) -> Option<u32> {
+        self.bos.filter(|_| self.add_bos)
     }
 
     /// All end-of-sequence ids; the first is the primary one (the tokenizer's own
@@ -642,6 +707,32 @@ impl HfConfigs {
             pad,
             unk,
         })
+    }
+
+    /// Whether the tokenizer starts sequences with BOS: `add_bos_token` in
+    /// tokenizer_config.json when present (transformers rebuilds the post-processor from it),
+    /// else whether tokenizer.json's post-processor prepends the BOS id.
+    fn add_bos(&self, hf: &tokenizers::Tokenizer, bos: Option<u32>) -> Result<bool> {
+        if let Some(cfg) = &self.tokenizer_config {
+            match cfg.field("add_bos_token") {
+                None | Some(Json::Null) => {}
+                Some(Json::Bool(b)) => return Ok(*b),
+                Some(v) => bail!(
+                    "{}: field `add_bos_token`: expected true or false, got {v}",
+                    cfg.path.display()
+                ),
+            }
+        }
+        let Some(bos) = bos else {
+            return Ok(false);
+        };
+        let probe = |special: bool| {
+            hf.encode("a", special)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_default()
+        };
+        let (with, without) = (probe(true), probe(false));
+        Ok(with.first() == Some(&bos) && without.first() != Some(&bos))
     }
 
     fn chat_template(&self, dir: &Path, specials: &Specials) -> Result<Option<ChatTemplate>> {

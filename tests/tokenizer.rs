@@ -305,10 +305,10 @@ fn gpt2_encode_decode() {
     assert_eq!(tok.bos_id(), Some(50256));
     assert_eq!(tok.token_to_id("<|endoftext|>"), Some(50256));
     assert_eq!(tok.id_to_token(15496).as_deref(), Some("Hello"));
-    assert_eq!(
-        tok.encode("Hello world", true).unwrap(),
-        vec![50256, 15496, 995]
-    );
+    // GPT-2's own rules add no BOS (no add_bos_token, a ByteLevel post-processor), as in
+    // transformers: starting a sequence adds nothing.
+    assert!(!tok.adds_bos());
+    assert_eq!(tok.encode("Hello world", true).unwrap(), vec![15496, 995]);
     assert!(!tok.has_chat_template());
     assert_eq!(
         tok.special_tokens(),

@@ -40,7 +40,15 @@ pub fn write_tokenizer(dir: &Path, words: &[String]) -> Result<usize> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
+        // Sequences start with <s>: written as the post-processor so that transformers and
+        // osp (which follows the tokenizer's own rules) both add it.
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [2], "tokens": ["<s>"]}}
+        },
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });

@@ -33,9 +33,18 @@ pub fn save_hf_model(
     copy_tokenizer_files(base, out)
 }
 
-/// Copies the base folder's tokenizer and generation files into `out` (a no-op for a llama2.c
-/// base, with a note when `out` ends up without a tokenizer.json).
+/// Copies the base folder's tokenizer and generation files into `out`; for a GGUF base,
+/// writes the tokenizer.json and tokenizer_config.json (chat template included) its metadata
+/// describes (a no-op for a llama2.c base, with a note when `out` ends up without a
+/// tokenizer.json).
 pub fn copy_tokenizer_files(base: Option<&Path>, out: &Path) -> Result<()> {
+    if let Some(base) = base.filter(|b| crate::gguf::is_gguf(b)) {
+        let g = crate::gguf::GgufFile::open(base)?;
+        let files = crate::gguf::vocab::hf_tokenizer_files(&g)?;
+        save_json(&out.join("tokenizer.json"), &files.tokenizer_json)?;
+        save_json(&out.join("tokenizer_config.json"), &files.tokenizer_config)?;
+        return Ok(());
+    }
     let mut copied = 0;
     // Copying a folder's files onto themselves would truncate them.
     let same = |b: &Path| std::fs::canonicalize(b).ok() == std::fs::canonicalize(out).ok();

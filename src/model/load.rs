@@ -1,5 +1,5 @@
-//! Reading checkpoints: Hugging Face folders (single or sharded safetensors) and llama2.c `.bin`
-//! files. Every error names the file and, where it applies, the tensor.
+//! Reading checkpoints: Hugging Face folders (single or sharded safetensors), GGUF files and
+//! llama2.c `.bin` files. Every error names the file and, where it applies, the tensor.
 use super::config::ModelConfig;
 use super::llama::{Llama, Trainable, Weights};
 use crate::tokenizer::Tokenizer;
@@ -28,7 +28,17 @@ pub fn load_model(
     if !path.exists() {
         bail!("model path {} does not exist", path.display());
     }
-    let (cfg, weights, tok, source) = if path.is_dir() {
+    let (cfg, weights, tok, source) = if crate::gguf::is_gguf(path) {
+        let mut g = crate::gguf::GgufFile::open(path)?;
+        let cfg = crate::gguf::weights::read_config(&g)?;
+        let tok = match tokenizer {
+            Some(t) if t.is_dir() => Tokenizer::from_hf_dir(t)?,
+            Some(t) => Tokenizer::from_tokenizer_json(t)?,
+            None => gguf_tokenizer(&g)?,
+        };
+        let weights = crate::gguf::weights::read_weights(&mut g, &cfg, device)?;
+        (cfg, weights, tok, format!("GGUF file {}", path.display()))
+    } else if path.is_dir() {
         let cfg = ModelConfig::from_file(&path.join("config.json"))?;
         let weights = read_hf_weights(path, device)?;
         let tok = match tokenizer {
@@ -72,6 +82,12 @@ pub fn load_model(
         tokenizer: tok,
         source,
     })
+}
+
+/// The tokenizer in a GGUF file's metadata.
+pub fn gguf_tokenizer(g: &crate::gguf::GgufFile) -> Result<Tokenizer> {
+    let files = crate::gguf::vocab::hf_tokenizer_files(g)?;
+    Tokenizer::from_hf_values(&files.tokenizer_json, &files.tokenizer_config, &g.path)
 }
 
 /// The llama2.c tokenizer beside a checkpoint: `tok<vocab>.bin`, then `tokenizer.bin`.
@@ -382,7 +398,7 @@ fn llama2c_floats(
 
 /// Reorders the rows of a [heads·hd, cols] projection from llama2.c's interleaved rotary pairs
 /// to transformers' halves: new row j < hd/2 is old row 2j, new row hd/2 + j is old row 2j + 1.
-fn interleaved_to_halves(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn interleaved_to_halves(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; w.len()];
     let half = hd / 2;
     for h in 0..heads {

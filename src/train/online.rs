@@ -190,7 +190,7 @@ impl OnlineRun {
                 // Keep the end of a long prompt, where the request is.
                 let cut = ids.len() - limit;
                 ids.drain(..cut);
-                if let (Some(bos), Some(first)) = (tok.bos_id(), ids.first_mut()) {
+                if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
                     *first = bos;
                 }
             }

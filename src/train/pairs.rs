@@ -114,7 +114,7 @@ pub fn tokenize_pair(
         let keep = (budget / 2).max(1);
         let cut = prompt.len() - keep;
         prompt.drain(..cut);
-        if let (Some(bos), Some(first)) = (tok.bos_id(), prompt.first_mut()) {
+        if let (Some(bos), Some(first)) = (tok.sequence_bos(), prompt.first_mut()) {
             *first = bos;
         }
     }
