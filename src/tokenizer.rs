@@ -433,7 +433,20 @@ impl Tokenizer {
 fn load_hf_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading tokenizer {}", path.display()))?;
-    text.parse::<tokenizers::Tokenizer>().map_err(|e| {
+    // tokenizers panics (an `expect` in its decoder deserialiser, 0.22) on some invalid
+    // JSON, such as a file cut short inside "decoder": check the syntax first, so that the
+    // error names the line and column, and turn any other panic of its parser into an error.
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+        bail!("{} is not valid JSON: {e}", path.display());
+    }
+    let parsed =
+        std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()).map_err(|_| {
+            anyhow!(
+                "tokenizers could not parse {} (it panicked)",
+                path.display()
+            )
+        })?;
+    parsed.map_err(|e| {
         anyhow!(
             "parsing {} as a Hugging Face tokenizer.json: {e}",
             path.display()

@@ -72,6 +72,13 @@ pub fn save(
 }
 
 fn prune(root: &Path, newest: &str, keep: usize) -> Result<()> {
+    // A process killed while replacing `latest` leaves its temporary (`.latest.tmpPID`,
+    // named per process so never reused): remove such leftovers once `latest` is written.
+    for e in std::fs::read_dir(root)?.filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().starts_with(".latest.tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let mut names: Vec<String> = std::fs::read_dir(root)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
