@@ -14,4 +14,4 @@ kills=${1:-100}
 seed=${2:-$(( (RANDOM << 15) | RANDOM ))}
 echo "crash soak: $kills kills per command, seed $seed"
 OSP_CRASH_KILLS=$kills OSP_CRASH_SEED=$seed \
-    nice cargo test --release --test crash -- --include-ignored --nocapture
+    nice cargo test --release --test crash -- --nocapture

@@ -71,6 +71,16 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// Completes the pruning of a run killed after it wrote its `latest` checkpoint (`newest`)
+/// and before it removed the older ones.
+pub fn finish_pruning(run_dir: &Path, newest: &Path, keep: usize) -> Result<()> {
+    let name = newest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    prune(&checkpoints_dir(run_dir), &name, keep)
+}
+
 fn prune(root: &Path, newest: &str, keep: usize) -> Result<()> {
     // A process killed while replacing `latest` leaves its temporary (`.latest.tmpPID`,
     // named per process so never reused): remove such leftovers once `latest` is written.

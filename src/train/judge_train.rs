@@ -236,6 +236,7 @@ pub fn run_judge_train(
         (cfg.train.batch_size as f64 * cfg.data.sft_mix).round() as usize
     };
     let n_judge = cfg.train.batch_size.saturating_sub(n_sft).max(1);
+    let mut after = None;
     while !trainer.done() {
         if trainer.stop_requested(stop_after, serde_json::to_value((jc, sc))?)? {
             return Ok(JudgeTrainOutcome {
@@ -290,11 +291,21 @@ pub fn run_judge_train(
             trainer.log(json!({"step": step, "judge_eval": r}))?;
         }
         let done = trainer.done();
+        if done {
+            // Logged before the final checkpoint, so a run killed after it (while the
+            // adapter is written) resumes with its log complete and does not log it twice.
+            let r = report(&judge, &trainer.model, tok, &held_out)?;
+            trainer.log(json!({"step": trainer.step(), "judge_after": r}))?;
+            after = Some(r);
+        }
         trainer.maybe_checkpoint(serde_json::to_value((jc, sc))?, json!({}), done)?;
     }
     trainer.progress.finish();
-    let after = report(&judge, &trainer.model, tok, &held_out)?;
-    trainer.log(json!({"step": trainer.step(), "judge_after": after}))?;
+    let after = match after {
+        Some(r) => r,
+        // Resumed after the last step: the log already holds it.
+        None => report(&judge, &trainer.model, tok, &held_out)?,
+    };
     let output = save_trained(&trainer.model, tok, &cfg.model, &trainer.run_dir)?;
     Ok(JudgeTrainOutcome {
         run_dir: trainer.run_dir.clone(),

@@ -23,9 +23,12 @@ impl MetricsLog {
                 let mut kept = String::new();
                 for line in std::io::BufReader::new(f).lines() {
                     let line = line?;
-                    let s = serde_json::from_str::<Value>(&line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(Value::as_u64));
+                    // A line that does not parse was cut short by a kill mid-append: drop it
+                    // with the steps that run again.
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        continue;
+                    };
+                    let s = v.get("step").and_then(Value::as_u64);
                     if s.is_none_or(|s| s as usize <= step) {
                         kept.push_str(&line);
                         kept.push('\n');

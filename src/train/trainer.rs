@@ -63,7 +63,11 @@ impl Trainer {
         let mut optim = AdamW::new(model.vars().to_vec(), optim_cfg.clone(), cfg.steps)?;
         let state = if resume {
             match checkpoint::latest(&run_dir)? {
-                Some(dir) => Some(checkpoint::load(&dir, &model, &mut optim)?),
+                Some(dir) => {
+                    // A kill between writing `latest` and pruning left older checkpoints.
+                    checkpoint::finish_pruning(&run_dir, &dir, cfg.keep_checkpoints)?;
+                    Some(checkpoint::load(&dir, &model, &mut optim)?)
+                }
                 None => bail!("--resume: {} has no checkpoint", run_dir.display()),
             }
         } else {
