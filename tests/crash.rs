@@ -33,10 +33,13 @@ fn q(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-/// One command under test: its arguments (without `--resume`) for a run into `out`.
+/// A command's arguments (without `--resume`) for a run into the given folder.
+type ArgsFor = Box<dyn Fn(&Path) -> Vec<String>>;
+
+/// One command under test.
 struct Job {
     name: &'static str,
-    args: Box<dyn Fn(&Path) -> Vec<String>>,
+    args: ArgsFor,
 }
 
 fn jobs(dir: &Path) -> Vec<Job> {
