@@ -81,18 +81,23 @@ fn quick_demo_writes_a_complete_summary_report_and_plots() {
             );
         }
         assert!(claim["held"].is_boolean());
-        // What the quick budget shows with a wide margin: on summarize, OSP (from πref, the
-        // augmented model) raises the oracle reward well above SFT's (0.28 against 0.12 on
-        // seed 0 with AVX2; the test asserts a third of that gap).
-        if task == "summarize" {
-            let reward = |m: &str| summary["tasks"][task][m]["oracle_reward"].as_f64().unwrap();
-            assert!(
-                reward("osp") > reward("sft") + 0.05,
-                "{task}: OSP reward {} vs SFT reward {}",
-                reward("osp"),
-                reward("sft")
-            );
-        }
+        // What the quick budget shows with a wide margin on every task and CPU tried:
+        // preference augmentation makes the judge agree with the oracle more often (0.44 →
+        // 0.73 on summarize, 0.66 → 0.86 on dialogue, seed 0 with AVX2; the test asserts a
+        // third of the smaller gain). OSP's reward over SFT moved with kernel and sampler
+        // changes (summarize +0.04 to +0.16, dialogue −0.04 to +0.09), so it is reported as a
+        // claim with its margin, not asserted.
+        let acc = |k: &str| {
+            summary["tasks"][task]["osp"][k]["accuracy"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        assert!(
+            acc("judge_after_augmentation") > acc("judge_before_augmentation") + 0.06,
+            "{task}: judge accuracy {} before augmentation, {} after",
+            acc("judge_before_augmentation"),
+            acc("judge_after_augmentation")
+        );
         // πref (the start of every method) is evaluated too.
         assert!(summary["reference"][task]["oracle_reward"].is_number());
         // Studies: three online runs at the higher learning rate, and DPO / offline SPCE at

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 /// Below this many elements, a single thread is faster than rayon's hand-off.
 const PAR_MIN: usize = 1 << 15;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         _ => candle_core::bail!("{op}: only f32 is supported, got {:?}", s.dtype()),

@@ -16,23 +16,12 @@ pub use attention::attention;
 pub use logprob::target_logprobs;
 pub use swiglu::swiglu;
 
-use candle_core::{backend::BackendStorage, CpuStorage, DType, Device, Layout, Result, Tensor};
+use super::ops::f32_slice as slice;
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Whether `t` can take the fused CPU kernels.
 pub fn applies(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
-}
-
-/// The contiguous f32 elements of a storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        _ => candle_core::bail!("{op}: only f32 is supported, got {:?}", s.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
 }
 
 /// A tensor's elements in row-major order (a copy; used in backward passes).
