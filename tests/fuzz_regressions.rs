@@ -37,3 +37,20 @@ fn a_tokenizer_json_cut_short_or_broken_anywhere_is_an_error() {
     let e = format!("{:#}", Tokenizer::from_hf_dir(tmp.path()).unwrap_err());
     assert!(e.contains("is not valid JSON"), "{e}");
 }
+
+/// fuzz target `tokenizer_json` (2026-12-02, after the fix above): a file that is valid
+/// JSON but whose "decoder" holds what no decoder is (stray vocabulary and merges, numbers
+/// beyond f64) still reaches tokenizers' `expect("Helper")` panic. In the fuzzer the panic
+/// aborts; in osp it must come back as an error naming the file.
+#[test]
+fn a_decoder_that_is_no_decoder_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    std::fs::write(
+        &path,
+        include_bytes!("fixtures/fuzz/tokenizer_json_decoder_helper.json"),
+    )
+    .unwrap();
+    let e = format!("{:#}", Tokenizer::from_tokenizer_json(&path).unwrap_err());
+    assert!(e.contains(&path.display().to_string()), "{e}");
+}
