@@ -35,7 +35,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Removes `.NAME.tmpPID` files that a killed writer left beside `NAME` (a kill between
 /// create and rename). Only temps of processes that are gone are removed, so a live writer's
 /// file is never touched; without /proc nothing is removed.
-fn remove_stale_temps(dir: &Path, name: &str) {
+pub(crate) fn remove_stale_temps(dir: &Path, name: &str) {
     if !Path::new("/proc/self").exists() {
         return;
     }

@@ -82,13 +82,9 @@ pub fn finish_pruning(run_dir: &Path, newest: &Path, keep: usize) -> Result<()> 
 }
 
 fn prune(root: &Path, newest: &str, keep: usize) -> Result<()> {
-    // A process killed while replacing `latest` leaves its temporary (`.latest.tmpPID`,
-    // named per process so never reused): remove such leftovers once `latest` is written.
-    for e in std::fs::read_dir(root)?.filter_map(|e| e.ok()) {
-        if e.file_name().to_string_lossy().starts_with(".latest.tmp") {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    // A process killed while replacing `latest` leaves its `.latest.tmpPID`; a resumed run
+    // that writes no checkpoint would otherwise keep it.
+    crate::io::remove_stale_temps(root, "latest");
     let mut names: Vec<String> = std::fs::read_dir(root)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
