@@ -11,7 +11,7 @@ use common::*;
 use osp::demo::tasks::{JUDGE_ANSWER_A, JUDGE_ANSWER_B, JUDGE_TEMPLATE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,25 +43,12 @@ struct Job {
 }
 
 fn jobs(dir: &Path) -> Vec<Job> {
-    let model = tiny_run_model(&dir.join("model"), 11);
-    let subjects = ["the cat", "the dog", "the big cat", "the small dog"];
-    let sft: Vec<_> = (0..16)
-        .map(|i| {
-            let completion = [" sat on the mat .", " ran ."][i % 2];
-            json!({"prompt": subjects[i % 4], "completion": completion})
-        })
-        .collect();
-    let prefs: Vec<_> = (0..16)
-        .map(|i| {
-            let (rejected, strength) = [(" bad .", 0.9), (" no no .", 0.7)][i % 2];
-            json!({"prompt": subjects[i % 4], "chosen": " very good and yes .",
-                   "rejected": rejected, "strength": strength})
-        })
-        .collect();
-    let prompts: Vec<_> = subjects.iter().map(|s| json!({"prompt": s})).collect();
-    let sft = write_jsonl(&dir.join("sft.jsonl"), &sft);
-    let prefs = write_jsonl(&dir.join("prefs.jsonl"), &prefs);
-    let prompts = write_jsonl(&dir.join("prompts.jsonl"), &prompts);
+    let RunFiles {
+        model,
+        sft,
+        prefs,
+        prompts,
+    } = tiny_run_files(dir, 11);
     // Every setting is a --set, so the config file is empty.
     let config = dir.join("empty.toml");
     std::fs::write(&config, "").unwrap();

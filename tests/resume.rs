@@ -10,46 +10,17 @@ use osp::train::method::{Method, TrainConfig};
 use osp::train::offline::run_offline;
 use osp::train::online::OnlineRun;
 use osp::train::sft::{run_sft, SftConfig};
-use serde_json::json;
 use std::path::{Path, PathBuf};
 
-struct Files {
-    model: PathBuf,
-    sft: PathBuf,
-    prefs: PathBuf,
-    prompts: PathBuf,
-}
-
-fn files(dir: &Path) -> Files {
-    let model = tiny_run_model(&dir.join("model"), 7);
-    let subjects = ["the cat", "the dog", "the big cat", "the small dog"];
-    let sft: Vec<_> = (0..16)
-        .map(|i| {
-            let completion = [" sat on the mat .", " ran ."][i % 2];
-            json!({"prompt": subjects[i % 4], "completion": completion})
-        })
-        .collect();
-    let prefs: Vec<_> = (0..16)
-        .map(|i| {
-            let (rejected, strength) = [(" bad .", 0.9), (" no no .", 0.7)][i % 2];
-            json!({"prompt": subjects[i % 4], "chosen": " very good and yes .",
-                   "rejected": rejected, "strength": strength})
-        })
-        .collect();
-    let prompts: Vec<_> = subjects.iter().map(|s| json!({"prompt": s})).collect();
-    Files {
-        model,
-        sft: write_jsonl(&dir.join("sft.jsonl"), &sft),
-        prefs: write_jsonl(&dir.join("prefs.jsonl"), &prefs),
-        prompts: write_jsonl(&dir.join("prompts.jsonl"), &prompts),
-    }
+fn files(dir: &Path) -> RunFiles {
+    tiny_run_files(dir, 7)
 }
 
 fn q(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
-fn common_sets(f: &Files, out: &Path) -> Vec<String> {
+fn common_sets(f: &RunFiles, out: &Path) -> Vec<String> {
     vec![
         format!("model.path={}", q(&f.model)),
         format!("train.out={}", q(out)),
@@ -73,7 +44,7 @@ fn judge_sets() -> Vec<String> {
     ]
 }
 
-fn osp_config(f: &Files, out: &Path, extra: &[&str]) -> TrainConfig {
+fn osp_config(f: &RunFiles, out: &Path, extra: &[&str]) -> TrainConfig {
     let mut set = common_sets(f, out);
     set.extend(judge_sets());
     set.push(format!("data.prompts={}", q(&f.prompts)));
@@ -90,14 +61,14 @@ fn osp_config(f: &Files, out: &Path, extra: &[&str]) -> TrainConfig {
     TrainConfig::load(None, &set, Some(Method::Osp)).unwrap()
 }
 
-fn dpo_config(f: &Files, out: &Path, extra: &[&str]) -> TrainConfig {
+fn dpo_config(f: &RunFiles, out: &Path, extra: &[&str]) -> TrainConfig {
     let mut set = common_sets(f, out);
     set.push(format!("data.preferences={}", q(&f.prefs)));
     set.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(None, &set, Some(Method::Dpo)).unwrap()
 }
 
-fn judge_train_config(f: &Files, out: &Path) -> JudgeTrainConfig {
+fn judge_train_config(f: &RunFiles, out: &Path) -> JudgeTrainConfig {
     let mut set = common_sets(f, out);
     set.extend(judge_sets());
     set.push(format!("data.preferences={}", q(&f.prefs)));
@@ -105,7 +76,7 @@ fn judge_train_config(f: &Files, out: &Path) -> JudgeTrainConfig {
     JudgeTrainConfig::load(None, &set).unwrap()
 }
 
-fn full_sft_config(f: &Files, out: &Path) -> SftConfig {
+fn full_sft_config(f: &RunFiles, out: &Path) -> SftConfig {
     let mut set = common_sets(f, out);
     set.push(format!("data.train={}", q(&f.sft)));
     set.push("model.train=\"full\"".into());

@@ -123,3 +123,38 @@ pub fn write_jsonl(path: &std::path::Path, rows: &[serde_json::Value]) -> PathBu
     std::fs::write(path, text).unwrap();
     path.to_path_buf()
 }
+
+/// A tiny model and the data every trainer needs (SFT examples, preference pairs with
+/// strengths, prompts), written into `dir`: what the resume and crash tests run on.
+pub struct RunFiles {
+    pub model: PathBuf,
+    pub sft: PathBuf,
+    pub prefs: PathBuf,
+    pub prompts: PathBuf,
+}
+
+pub fn tiny_run_files(dir: &std::path::Path, seed: u64) -> RunFiles {
+    use serde_json::json;
+    let model = tiny_run_model(&dir.join("model"), seed);
+    let subjects = ["the cat", "the dog", "the big cat", "the small dog"];
+    let sft: Vec<_> = (0..16)
+        .map(|i| {
+            let completion = [" sat on the mat .", " ran ."][i % 2];
+            json!({"prompt": subjects[i % 4], "completion": completion})
+        })
+        .collect();
+    let prefs: Vec<_> = (0..16)
+        .map(|i| {
+            let (rejected, strength) = [(" bad .", 0.9), (" no no .", 0.7)][i % 2];
+            json!({"prompt": subjects[i % 4], "chosen": " very good and yes .",
+                   "rejected": rejected, "strength": strength})
+        })
+        .collect();
+    let prompts: Vec<_> = subjects.iter().map(|s| json!({"prompt": s})).collect();
+    RunFiles {
+        model,
+        sft: write_jsonl(&dir.join("sft.jsonl"), &sft),
+        prefs: write_jsonl(&dir.join("prefs.jsonl"), &prefs),
+        prompts: write_jsonl(&dir.join("prompts.jsonl"), &prompts),
+    }
+}
