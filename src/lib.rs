@@ -1,5 +1,6 @@
 //! osp: Online Self-Preferring alignment of language models on candle.
 pub mod bench;
+pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod engine;

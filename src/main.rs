@@ -36,6 +36,9 @@ enum Cmd {
     JudgeTrain(RunArgs),
     /// Score the model as a judge on labelled preference pairs.
     Judge(JudgeArgs),
+    /// Win rate of a trained adapter over its starting model on held-out prompts, by a
+    /// judge that is not being trained, with KL and lengths.
+    Compare(CompareArgs),
     /// Train a reward model (scalar head, Bradley–Terry loss) on preference pairs.
     RmTrain(RunArgs),
     /// The built-in demo: oracle tasks, SFT from scratch, augmentation, every method, a report.
@@ -145,6 +148,67 @@ struct JudgeArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// The base model (Hugging Face folder, GGUF file or llama2.c .bin).
+    #[arg(long)]
+    model: PathBuf,
+    /// Tokenizer file or folder, when it is not beside the model.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Device: cpu, or cuda / cuda:N with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The starting model's adapter, merged into the base (a training config's
+    /// model.adapter): the baseline is base + this adapter. Default: the base alone.
+    #[arg(long)]
+    start_adapter: Option<PathBuf>,
+    /// The trained adapter (RUN/adapter), applied on top of the starting model. Without it the
+    /// policy is the starting model (a win rate of ½ up to sampling noise).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The judge: "start" (the frozen starting model) or "base" (the base model alone).
+    #[arg(long, default_value = "start", value_parser = ["start", "base"])]
+    judge: String,
+    /// A judge of its own: the base model with this adapter (e.g. an augmented judge).
+    /// Overrides --judge.
+    #[arg(long)]
+    judge_adapter: Option<PathBuf>,
+    /// Prompt-only records (TRL `{"prompt"}`, text or messages), JSON or JSONL.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Responses per prompt from each model.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    samples: u64,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = SamplingParams::default().temperature)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = SamplingParams::default().top_p)]
+    top_p: f64,
+    /// Upper bound on generated tokens per response.
+    #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
+    max_new_tokens: usize,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Seed of the samples (the same for both models).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Judge settings: --set judge.field=value (as in a config's [judge] section).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -295,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::JudgeTrain(a) => cmd_judge_train(a),
         Cmd::Judge(a) => cmd_judge(a),
         Cmd::RmTrain(a) => cmd_rm_train(a),
+        Cmd::Compare(a) => cmd_compare(a),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Demo(a) => {
             let mut overrides = vec![];
@@ -660,5 +725,114 @@ fn cmd_judge(a: JudgeArgs) -> Result<()> {
         }
     }
     eprintln!("[{:.1} pairs/s]", report.pairs as f64 / secs.max(1e-9));
+    Ok(())
+}
+
+fn cmd_compare(a: CompareArgs) -> Result<()> {
+    use osp::train::config::{ModelSection, TrainMode};
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct Sets {
+        judge: osp::judge::JudgeConfig,
+    }
+    let sets: Sets = osp::train::config::load_config(None, &a.set)?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        max_new_tokens: a.max_new_tokens,
+        stop_strings: a.stop.clone(),
+        stop_at_eos: SamplingParams::default().stop_at_eos,
+    };
+    sampling.validate()?;
+    let section = |adapter: Option<PathBuf>| ModelSection {
+        path: a.model.clone(),
+        tokenizer: a.tokenizer.clone(),
+        adapter,
+        device: a.device.clone(),
+        train: TrainMode::Lora,
+    };
+    // The policy: the start merged into the base, the trained adapter on top; the baseline is
+    // the same model with the adapter off (no second copy of the weights).
+    let lora = match &a.adapter {
+        Some(dir) => osp::lora::LoraConfig::from_peft_dir(dir)?,
+        None => osp::lora::LoraConfig::default(),
+    };
+    let lm = osp::train::policy::load_policy(&section(a.start_adapter.clone()), &lora, 0, true)?;
+    if let Some(dir) = &a.adapter {
+        osp::model::load_adapter(&lm.model, dir)?;
+    }
+    let tok = &lm.tokenizer;
+    let baseline = lm.model.without_adapter();
+    let judge_model = match (&a.judge_adapter, a.judge.as_str()) {
+        (Some(dir), _) => {
+            let lora = osp::lora::LoraConfig::from_peft_dir(dir)?;
+            osp::train::policy::load_policy(&section(Some(dir.clone())), &lora, 0, false)?.model
+        }
+        (None, "base") if a.start_adapter.is_some() => {
+            let device = osp::device(&a.device)?;
+            load_model(&a.model, a.tokenizer.as_deref(), &device, Trainable::None)?.model
+        }
+        _ => baseline.clone(),
+    };
+    let (records, warnings) = osp::data::load_prompts(
+        &a.prompts,
+        osp::data::ChatRender::for_tokenizer(Some(tok)),
+        osp::train::method::PrefData::default().on_malformed,
+    )?;
+    for w in warnings.iter().take(5) {
+        eprintln!("warning: {w}");
+    }
+    let n = a.limit.unwrap_or(usize::MAX).min(records.len());
+    anyhow::ensure!(n > 0, "{}: no prompts", a.prompts.display());
+    let room = lm
+        .model
+        .cfg
+        .max_position_embeddings
+        .saturating_sub(a.max_new_tokens)
+        .max(1);
+    let mut prompts = Vec::with_capacity(n);
+    for r in records.into_iter().take(n) {
+        let mut ids = tok.encode(&r.prompt, tok.bos_id().is_some())?;
+        if ids.len() > room {
+            // Keep the end of a long prompt, where the request is (as osp train does).
+            ids.drain(..ids.len() - room);
+            if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
+                *first = bos;
+            }
+        }
+        prompts.push((r.prompt, ids));
+    }
+    let judge = osp::judge::Judge::new(sets.judge, tok)?;
+    let start = Instant::now();
+    let r = osp::compare::compare(
+        &lm.model,
+        &baseline,
+        &judge_model,
+        &judge,
+        tok,
+        &prompts,
+        &sampling,
+        a.samples as usize,
+        a.seed,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("prompts:             {}", r.prompts);
+        println!("comparisons:         {}", r.comparisons);
+        println!(
+            "win rate:            {:.4} ± {:.4}",
+            r.win_rate, r.win_rate_se
+        );
+        println!("mean strength:       {:.4}", r.mean_strength);
+        println!("KL to the start:     {:.4}", r.kl);
+        println!(
+            "mean length:         {:.1} (start {:.1})",
+            r.mean_length, r.baseline_mean_length
+        );
+        println!("position-bias rate:  {:.4}", r.position_bias_rate);
+    }
+    eprintln!("[{:.1}s]", start.elapsed().as_secs_f64());
     Ok(())
 }
