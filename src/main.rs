@@ -185,21 +185,8 @@ struct CompareArgs {
     /// Responses per prompt from each model.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     samples: u64,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = SamplingParams::default().temperature)]
-    temperature: f64,
-    /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = SamplingParams::default().top_k)]
-    top_k: usize,
-    /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = SamplingParams::default().top_p)]
-    top_p: f64,
-    /// Upper bound on generated tokens per response.
-    #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
-    max_new_tokens: usize,
-    /// Stop when this string is generated (repeatable).
-    #[arg(long = "stop")]
-    stop: Vec<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seed of the samples (the same for both models).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -282,6 +269,19 @@ struct GenerateArgs {
     /// A system message before the user message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Independent samples of the prompt, generated as one batch (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    num_samples: u64,
+    /// Sample i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Sampling options shared by `generate` and `compare`.
+#[derive(clap::Args)]
+struct SamplingArgs {
     /// Sampling temperature; 0 is greedy (values in (0, 0.001) are refused).
     #[arg(long, default_value_t = SamplingParams::default().temperature)]
     temperature: f64,
@@ -294,15 +294,25 @@ struct GenerateArgs {
     /// Upper bound on generated tokens per sample.
     #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
     max_new_tokens: usize,
-    /// Independent samples of the prompt, generated as one batch (at least 1).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    num_samples: u64,
-    /// Sample i uses seed + i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Stop when this string is generated (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The options as validated sampling parameters.
+    fn params(&self) -> Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            stop_strings: self.stop.clone(),
+            stop_at_eos: SamplingParams::default().stop_at_eos,
+        };
+        params.validate()?;
+        Ok(params)
+    }
 }
 
 #[derive(clap::Args)]
@@ -393,15 +403,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        stop_strings: a.stop.clone(),
-        stop_at_eos: SamplingParams::default().stop_at_eos,
-    };
-    params.validate()?;
+    let params = a.sampling.params()?;
     let lm = a.model.load()?;
     let tok = &lm.tokenizer;
     let prompt = if a.chat {
@@ -736,15 +738,7 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
         judge: osp::judge::JudgeConfig,
     }
     let sets: Sets = osp::train::config::load_config(None, &a.set)?;
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        max_new_tokens: a.max_new_tokens,
-        stop_strings: a.stop.clone(),
-        stop_at_eos: SamplingParams::default().stop_at_eos,
-    };
-    sampling.validate()?;
+    let sampling = a.sampling.params()?;
     let section = |adapter: Option<PathBuf>| ModelSection {
         path: a.model.clone(),
         tokenizer: a.tokenizer.clone(),
@@ -789,7 +783,7 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
         .model
         .cfg
         .max_position_embeddings
-        .saturating_sub(a.max_new_tokens)
+        .saturating_sub(sampling.max_new_tokens)
         .max(1);
     let mut prompts = Vec::with_capacity(n);
     for r in records.into_iter().take(n) {
