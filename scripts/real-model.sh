@@ -36,7 +36,6 @@ judge() { # NAME DATA FORMAT [osp judge options]
 # 1. The base model as a judge.
 judge judge-base-helpful $D/hh_judge_eval.jsonl hh --model $G
 judge judge-base-tldr $D/tldr_judge_eval.jsonl tldr --model $G
-judge judge-base-harmless $D/hh_harmless_eval.jsonl hh --model $G
 
 # 2. Preference augmentation on the 2% seed; the start of every later run is the merged model.
 step judge-train-seed2 "$OSP" judge-train --config configs/real-judge.toml
@@ -70,7 +69,11 @@ TLDR=(--model $G --adapter $R/self-improve/adapter --prompts $D/tldr_prompts_eva
 step compare-self-base "$OSP" compare "${TLDR[@]}"
 step compare-self-aug "$OSP" compare "${TLDR[@]}" --judge-adapter $R/judge-seed2/adapter
 
-# 5. A larger seed (10%).
+# 5. Out of domain for the helpful seed: HH harmless-base, before and after augmentation.
+judge judge-base-harmless $D/hh_harmless_eval.jsonl hh --model $G
+judge judge-aug-harmless $D/hh_harmless_eval.jsonl hh --model $R/aug-seed2
+
+# 6. A larger seed (10%).
 step judge-train-seed10 "$OSP" judge-train --config configs/real-judge.toml \
     --set data.preferences=\"$D/hh_seed10.jsonl\" --set train.out=\"$R/judge-seed10\" \
     --set train.steps=118 --set train.save_every=20
