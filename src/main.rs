@@ -120,6 +120,9 @@ struct RunArgs {
     /// Print the documented default config and exit.
     #[arg(long)]
     print_config: bool,
+    /// The reward model folder of `osp train --method ppo` (sets ppo.reward_model).
+    #[arg(long, value_name = "DIR")]
+    reward_model: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -498,6 +501,10 @@ fn cmd_sft(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
+    anyhow::ensure!(
+        a.reward_model.is_none(),
+        "--reward-model belongs to osp train --method ppo"
+    );
     let cfg = osp::train::sft::SftConfig::load(a.config.as_deref(), &a.set)?;
     let out = osp::train::sft::run_sft(&cfg, a.resume, a.stop_after)?;
     for (step, loss) in &out.eval_losses {
@@ -538,8 +545,17 @@ fn cmd_train(a: RunArgs) -> Result<()> {
         print!("{}", osp::train::method::TRAIN_TEMPLATE);
         return Ok(());
     }
-    let cfg = TrainConfig::load(a.config.as_deref(), &a.set, a.method)?;
-    let output = if cfg.method.is_online() {
+    let mut set = a.set.clone();
+    if let Some(dir) = &a.reward_model {
+        set.push(format!(
+            "ppo.reward_model={}",
+            toml::Value::String(dir.display().to_string())
+        ));
+    }
+    let cfg = TrainConfig::load(a.config.as_deref(), &set, a.method)?;
+    let output = if cfg.method == osp::train::method::Method::Ppo {
+        osp::train::ppo::PpoRun::new(&cfg, a.resume)?.run(a.stop_after)?
+    } else if cfg.method.is_online() {
         let mut run = osp::train::online::OnlineRun::new(&cfg, a.resume)?;
         run.run(a.stop_after, |_| Ok(()))?
     } else {
@@ -563,6 +579,10 @@ fn cmd_judge_train(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
+    anyhow::ensure!(
+        a.reward_model.is_none(),
+        "--reward-model belongs to osp train --method ppo"
+    );
     let cfg = JudgeTrainConfig::load(a.config.as_deref(), &a.set)?;
     let out = run_judge_train(&cfg, a.resume, a.stop_after)?;
     let Some(after) = &out.after else {
@@ -594,6 +614,10 @@ fn cmd_rm_train(a: RunArgs) -> Result<()> {
         return Ok(());
     }
     anyhow::ensure!(a.method.is_none(), "--method belongs to osp train");
+    anyhow::ensure!(
+        a.reward_model.is_none(),
+        "--reward-model belongs to osp train --method ppo"
+    );
     let cfg = RmTrainConfig::load(a.config.as_deref(), &a.set)?;
     let out = run_rm_train(&cfg, a.resume, a.stop_after)?;
     for (when, e) in [("before", &out.before), ("after", &out.after)] {

@@ -58,7 +58,8 @@ pub struct SelfRewardConfig {
     /// Judge prompt with `{prompt}` and `{response}`, ending where the score's number comes.
     /// Default: [`DEFAULT_TEMPLATE`].
     pub template: String,
-    /// The answer tokens for scores 1, 2, …; each must be one token. Default " 1" … " 5".
+    /// The answer tokens for scores 1, 2, …; each must be one token. Default: the digits
+    /// " 1" … " 5".
     pub answers: Vec<String>,
     /// Judge prompts per forward pass. Default 16.
     pub batch_size: usize,

@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Fields whose documented default is prose rather than a value, and why.
-const PROSE: [(&str, &str); 2] = [
+const PROSE: [(&str, &str); 4] = [
     ("JudgeConfig", "template"), // "see `DEFAULT_TEMPLATE`", compared below
     ("LoraConfig", "target_modules"), // "all seven", compared below
+    ("SelfRewardConfig", "template"), // "[`DEFAULT_TEMPLATE`]", compared below
+    ("SelfRewardConfig", "answers"), // "\" 1\" … \" 5\"", compared below
 ];
 
 fn defaults() -> BTreeMap<&'static str, Value> {
@@ -57,6 +59,18 @@ fn defaults() -> BTreeMap<&'static str, Value> {
         (
             "PairingConfig",
             serde_json::to_value(osp::pairing::PairingConfig::default()).unwrap(),
+        ),
+        (
+            "PpoConfig",
+            serde_json::to_value(osp::ppo::PpoConfig::default()).unwrap(),
+        ),
+        (
+            "SelfRewardConfig",
+            serde_json::to_value(osp::self_reward::SelfRewardConfig::default()).unwrap(),
+        ),
+        (
+            "SelfRewardingSection",
+            serde_json::to_value(method::SelfRewardingSection::default()).unwrap(),
         ),
         (
             "SamplingParams",
@@ -194,6 +208,14 @@ fn every_documented_default_is_the_default() {
     assert_eq!(
         defaults["JudgeConfig"]["template"],
         osp::judge::DEFAULT_TEMPLATE
+    );
+    assert_eq!(
+        defaults["SelfRewardConfig"]["template"],
+        osp::self_reward::DEFAULT_TEMPLATE
+    );
+    assert_eq!(
+        defaults["SelfRewardConfig"]["answers"],
+        serde_json::json!([" 1", " 2", " 3", " 4", " 5"])
     );
     assert_eq!(
         defaults["LoraConfig"]["target_modules"],

@@ -622,6 +622,11 @@ fn policy_forward_reads_each_response_token_where_it_is_predicted() {
                     (vals[i][t] - v[pos]).abs() < 1e-4,
                     "value row {i} token {t}"
                 );
+            } else if t == responses[i].len() {
+                // The first padding slot's value is read at the last response token.
+                assert_eq!(lp[i][t], 0.0, "padding row {i} column {t}");
+                let pos = prompts[i].len() + t - 1;
+                assert!((vals[i][t] - v[pos]).abs() < 1e-4, "value row {i} slot {t}");
             } else {
                 assert_eq!(
                     (lp[i][t], vals[i][t]),

@@ -214,3 +214,30 @@ fn resuming_a_different_run_is_refused_and_leaves_the_folder_alone() {
     assert!(run.run(None, |_| Ok(())).unwrap().is_some());
     assert_eq!(optimiser_steps(&out), (1..=6).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_run_recorded_before_a_config_section_existed_still_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = files(tmp.path());
+    let out = tmp.path().join("old");
+    let mut run = OnlineRun::new(&osp_config(&f, &out, &[]), false).unwrap();
+    assert!(run.run(Some(3), |_| Ok(())).unwrap().is_none());
+    drop(run);
+    // As an older osp wrote it: no [ppo], [self_reward] or [self_rewarding] in the record.
+    let dir = osp::train::checkpoint::latest(&out).unwrap().unwrap();
+    let path = dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let config = state["run"]["config"].as_object_mut().unwrap();
+    for section in ["ppo", "self_reward", "self_rewarding"] {
+        assert!(config.remove(section).is_some(), "{section}");
+    }
+    std::fs::write(&path, state.to_string()).unwrap();
+    let mut run = OnlineRun::new(&osp_config(&f, &out, &[]), true).unwrap();
+    assert!(run.run(None, |_| Ok(())).unwrap().is_some());
+    // A changed field is still refused.
+    let e = OnlineRun::new(&osp_config(&f, &out, &["lora.r=2"]), true)
+        .err()
+        .unwrap();
+    assert!(format!("{e:#}").contains("lora.r: 4 -> 2"), "{e:#}");
+}

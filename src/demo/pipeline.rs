@@ -658,6 +658,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
                 0,
             ),
             judge: judge_config(),
+            self_reward: Default::default(),
             data: JudgeTrainData {
                 preferences: files.seed_prefs.clone(),
                 sft: Some(files.sft.clone()),

@@ -483,6 +483,13 @@ impl Llama {
         Ok(())
     }
 
+    /// Removes a tensor registered with `add_var` (PPO saves its policy without the value
+    /// head) and returns it; None when there is none of that name.
+    pub fn remove_var(&mut self, name: &str) -> Option<Var> {
+        let i = self.vars.iter().position(|(n, _)| n == name)?;
+        Some(self.vars.remove(i).1)
+    }
+
     /// A frozen copy for sampling and scoring: its own storage (later optimiser steps do not
     /// change it), the adapter merged in, no autograd graph, and matmul-friendly weight
     /// layouts. Costs one copy of the weights, which faster matmuls repay within a few steps.

@@ -99,6 +99,10 @@ pub struct PpoConfig {
     /// (`masked_mean(log πθ_old − log πθ)`) exceeds 1.5 × this (TRL 0.11's `early_stopping`
     /// with `target_kl`). Default: none (never stop early, as TRL's current PPO).
     pub target_kl: Option<f64>,
+    /// The reward model folder (`osp rm-train`'s `RUN/reward_model`, or a transformers
+    /// sequence-classification folder); `--reward-model` on the command line sets it.
+    /// Required by method "ppo". Default: none.
+    pub reward_model: Option<std::path::PathBuf>,
 }
 
 impl Default for PpoConfig {
@@ -116,6 +120,7 @@ impl Default for PpoConfig {
             whiten_rewards: false,
             missing_eos_penalty: None,
             target_kl: None,
+            reward_model: None,
         }
     }
 }

@@ -102,8 +102,9 @@ impl ValueHead {
 pub struct PolicyOutputs {
     /// log π of each response token at the sampling temperature, [b, width] (0 on padding).
     pub logprobs: Tensor,
-    /// The value head's output at the position predicting each response token, [b, width]
-    /// (0 on padding); None without a head.
+    /// The value head's output at the position predicting each response token, and at
+    /// column `len` (the first padding slot, read at the last response token: TRL's value
+    /// mask is one slot wider), [b, width] (0 beyond); None without a head.
     pub values: Option<Tensor>,
     /// Mean entropy of the temperature-scaled next-token distribution over response tokens
     /// (`policy/entropy_avg`; TRL averages over padding positions too).
@@ -149,6 +150,8 @@ pub fn policy_forward(
     let mut rows = Vec::with_capacity(b * width);
     let mut tokens = Vec::with_capacity(b * width);
     let mut mask = Vec::with_capacity(b * width);
+    let mut vrows = Vec::with_capacity(b * width);
+    let mut vmask = Vec::with_capacity(b * width);
     for i in 0..b {
         let (p, r) = (prompts[i].len(), responses[i]);
         for t in 0..width {
@@ -158,6 +161,8 @@ pub fn policy_forward(
             rows.push((i * len + pos) as u32);
             tokens.push(if real { r[t] } else { 0 });
             mask.push(if real { 1f32 } else { 0.0 });
+            vrows.push((i * len + p - 1 + t.min(r.len())) as u32);
+            vmask.push(if t <= r.len() { 1f32 } else { 0.0 });
         }
     }
     let idx = Tensor::from_vec(rows, b * width, device)?;
@@ -170,7 +175,12 @@ pub fn policy_forward(
     let n_real: usize = responses.iter().map(|r| r.len()).sum();
     let entropy_mean = scalar(&(entropy * &mask)?.sum_all()?)? / n_real as f64;
     let values = match head {
-        Some(hd) => Some((hd.forward(&hs.reshape((b, width, d))?)? * &mask)?),
+        Some(hd) => {
+            let vidx = Tensor::from_vec(vrows, b * width, device)?;
+            let vh = h.reshape((b * len, d))?.index_select(&vidx, 0)?;
+            let vmask = Tensor::from_vec(vmask, (b, width), device)?;
+            Some((hd.forward(&vh.reshape((b, width, d))?)? * vmask)?)
+        }
         None => None,
     };
     Ok(PolicyOutputs {

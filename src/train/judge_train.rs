@@ -13,6 +13,7 @@ use crate::data::{split_eval, OnMalformed, PreferencePair, TokenizedExample};
 use crate::judge::{Judge, JudgeConfig, JudgeReport};
 use crate::lora::LoraConfig;
 use crate::model::{Llama, TokenBatch};
+use crate::self_reward::{pointwise_loss, PointwiseExample, SelfJudge, SelfRewardConfig};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,18 @@ pub struct JudgeTrainData {
     pub soft_targets: bool,
     /// "skip" or "abort" on a malformed record. Default "skip".
     pub on_malformed: OnMalformed,
+    /// "pairwise" (the OSP judge: J(x, y1, y2) → A/B, see `[judge]`) or "pointwise" (the
+    /// self-rewarding judge: each pair gives J(x, y_w) and J(x, y_l) with target scores on
+    /// the 5-point scale, see `[self_reward]`). Default "pairwise".
+    pub mode: JudgeMode,
+}
+
+/// Which judge preference augmentation teaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeMode {
+    Pairwise,
+    Pointwise,
 }
 
 impl Default for JudgeTrainData {
@@ -50,6 +63,7 @@ impl Default for JudgeTrainData {
             sft: None,
             soft_targets: true,
             on_malformed: OnMalformed::default(),
+            mode: JudgeMode::Pairwise,
         }
     }
 }
@@ -63,6 +77,8 @@ pub struct JudgeTrainConfig {
     pub optim: OptimConfig,
     pub train: TrainSection,
     pub judge: JudgeConfig,
+    /// The pointwise judge (`data.mode = "pointwise"`).
+    pub self_reward: SelfRewardConfig,
     pub data: JudgeTrainData,
 }
 
@@ -136,6 +152,76 @@ pub fn judge_loss(model: &Llama, judge: &Judge, batch: &[&JudgeExample]) -> Resu
     Ok(((two * t)?.sum_all()? * (-1.0 / batch.len() as f64))?)
 }
 
+/// The judge a run teaches and its examples.
+enum Taught {
+    Pairwise(Judge, Vec<JudgeExample>),
+    Pointwise(SelfJudge, Vec<PointwiseExample>),
+}
+
+impl Taught {
+    fn len(&self) -> usize {
+        match self {
+            Taught::Pairwise(_, e) => e.len(),
+            Taught::Pointwise(_, e) => e.len(),
+        }
+    }
+
+    /// The loss of examples `idx` and their tokens.
+    fn loss(&self, model: &Llama, idx: &[usize]) -> Result<(Tensor, usize)> {
+        Ok(match self {
+            Taught::Pairwise(j, e) => {
+                let b: Vec<&JudgeExample> = idx.iter().map(|&i| &e[i]).collect();
+                let t = b.iter().map(|x| x.ids.len()).sum();
+                (judge_loss(model, j, &b)?, t)
+            }
+            Taught::Pointwise(j, e) => {
+                let b: Vec<&PointwiseExample> = idx.iter().map(|&i| &e[i]).collect();
+                let t = b.iter().map(|x| x.ids.len()).sum();
+                (pointwise_loss(model, j, &b)?, t)
+            }
+        })
+    }
+
+    /// The judge on held-out pairs. Pointwise, a pair's strength is σ(E[score(y_w)] −
+    /// E[score(y_l)]), so accuracy is the share of pairs whose chosen response scores higher
+    /// (ties ½) and the calibration figures are of that logistic reading.
+    fn report(
+        &self,
+        model: &Llama,
+        tok: &crate::tokenizer::Tokenizer,
+        pairs: &[PreferencePair],
+    ) -> Result<JudgeReport> {
+        let m = crate::engine::inference_model(model)?;
+        match self {
+            Taught::Pairwise(j, _) => j.evaluate(&m, tok, pairs),
+            Taught::Pointwise(j, _) => {
+                let items: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .flat_map(|p| {
+                        [
+                            (p.prompt.as_str(), p.chosen.as_str()),
+                            (p.prompt.as_str(), p.rejected.as_str()),
+                        ]
+                    })
+                    .collect();
+                let sc = j.score(&m, tok, &items)?;
+                let js: Vec<crate::judge::Judgement> = sc
+                    .chunks(2)
+                    .map(|w| {
+                        let s = 1.0 / (1.0 + (w[1].expected - w[0].expected).exp());
+                        crate::judge::Judgement {
+                            strength: s,
+                            p_forward: s,
+                            p_backward: None,
+                        }
+                    })
+                    .collect();
+                Ok(JudgeReport::from_judgements(pairs, &js, false))
+            }
+        }
+    }
+}
+
 /// What a judge-train run produced.
 pub struct JudgeTrainOutcome {
     pub run_dir: PathBuf,
@@ -143,15 +229,6 @@ pub struct JudgeTrainOutcome {
     pub before: JudgeReport,
     /// None when the run stopped early (`stop_after`).
     pub after: Option<JudgeReport>,
-}
-
-fn report(
-    judge: &Judge,
-    model: &Llama,
-    tok: &crate::tokenizer::Tokenizer,
-    pairs: &[PreferencePair],
-) -> Result<JudgeReport> {
-    judge.evaluate(&*crate::engine::inference_model(model)?, tok, pairs)
 }
 
 /// Runs (or, with `resume`, continues) preference augmentation; reports the judge on
@@ -164,7 +241,6 @@ pub fn run_judge_train(
 ) -> Result<JudgeTrainOutcome> {
     let lm = load_policy(&cfg.model, &cfg.lora, cfg.train.seed, false)?;
     let tok = &lm.tokenizer;
-    let judge = Judge::new(cfg.judge.clone(), tok)?;
     let (pairs, warnings) = load_pairs(
         &cfg.data.preferences,
         cfg.data.format,
@@ -182,16 +258,23 @@ pub fn run_judge_train(
         );
     }
     let limit = cfg.train.max_len.min(lm.model.cfg.max_position_embeddings);
-    let mut judge_ex = Vec::with_capacity(2 * train.len());
+    let mut taught = match cfg.data.mode {
+        JudgeMode::Pairwise => Taught::Pairwise(Judge::new(cfg.judge.clone(), tok)?, vec![]),
+        JudgeMode::Pointwise => {
+            let mut sr = cfg.self_reward.clone();
+            // data.soft_targets governs both modes.
+            sr.soft_targets = sr.soft_targets && cfg.data.soft_targets;
+            Taught::Pointwise(SelfJudge::new(sr, tok)?, vec![])
+        }
+    };
     let mut sft_ex = Vec::with_capacity(train.len());
     for p in &train {
-        judge_ex.extend(judge_examples(
-            &judge,
-            tok,
-            p,
-            cfg.data.soft_targets,
-            limit,
-        )?);
+        match &mut taught {
+            Taught::Pairwise(judge, ex) => {
+                ex.extend(judge_examples(judge, tok, p, cfg.data.soft_targets, limit)?);
+            }
+            Taught::Pointwise(judge, ex) => ex.extend(judge.pointwise_examples(tok, p, limit)?),
+        }
         if cfg.data.sft.is_some() {
             continue;
         }
@@ -211,7 +294,7 @@ pub fn run_judge_train(
         }
         sft_ex = examples;
     }
-    let before = report(&judge, &lm.model, tok, &held_out)?;
+    let before = taught.report(&lm.model, tok, &held_out)?;
     let (mut trainer, data) = Trainer::start(
         lm.model.clone(),
         &cfg.optim,
@@ -249,14 +332,9 @@ pub fn run_judge_train(
         trainer.model.set_training(true);
         let (mut jl, mut sl) = (0f64, 0f64);
         for _ in 0..cfg.train.grad_accum {
-            let jb: Vec<&JudgeExample> = jc
-                .next_batch(judge_ex.len(), n_judge)
-                .iter()
-                .map(|&i| &judge_ex[i])
-                .collect();
-            let mut loss = judge_loss(&trainer.model, &judge, &jb)?;
+            let jb = jc.next_batch(taught.len(), n_judge);
+            let (mut loss, mut tokens) = taught.loss(&trainer.model, &jb)?;
             jl += loss.to_scalar::<f32>()? as f64;
-            let mut tokens: usize = jb.iter().map(|e| e.ids.len()).sum();
             if n_sft > 0 {
                 let sb: Vec<&TokenizedExample> = sc
                     .next_batch(sft_ex.len(), n_sft)
@@ -283,7 +361,7 @@ pub fn run_judge_train(
             continue;
         }
         if trainer.eval_due() && !held_out.is_empty() && !trainer.done() {
-            let r = report(&judge, &trainer.model, tok, &held_out)?;
+            let r = taught.report(&trainer.model, tok, &held_out)?;
             let step = trainer.step();
             trainer
                 .progress
@@ -294,7 +372,7 @@ pub fn run_judge_train(
         if done {
             // Logged before the final checkpoint, so a run killed after it (while the
             // adapter is written) resumes with its log complete and does not log it twice.
-            let r = report(&judge, &trainer.model, tok, &held_out)?;
+            let r = taught.report(&trainer.model, tok, &held_out)?;
             trainer.log(json!({"step": trainer.step(), "judge_after": r}))?;
             after = Some(r);
         }
@@ -304,7 +382,7 @@ pub fn run_judge_train(
     let after = match after {
         Some(r) => r,
         // Resumed after the last step: the log already holds it.
-        None => report(&judge, &trainer.model, tok, &held_out)?,
+        None => taught.report(&trainer.model, tok, &held_out)?,
     };
     let output = save_trained(&trainer.model, tok, &cfg.model, &trainer.run_dir)?;
     Ok(JudgeTrainOutcome {

@@ -8,7 +8,9 @@ use crate::judge::JudgeConfig;
 use crate::lora::LoraConfig;
 use crate::loss::{LossConfig, LossKind};
 use crate::pairing::{PairingConfig, PairingMode};
+use crate::ppo::PpoConfig;
 use crate::sample::SamplingParams;
+use crate::self_reward::SelfRewardConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,11 @@ pub enum Method {
     OspRandomPairs,
     /// Online DPO with a binary self-judge and K = 2 (OAIF-style).
     OnlineDpo,
+    /// RLHF: PPO against a reward model (`ppo.reward_model`), TRL's semantics (see `ppo`).
+    Ppo,
+    /// Self-rewarding (Yuan et al. 2024): the model scores its K samples on a 5-point scale,
+    /// best vs worst trained with DPO, πref renewed every iteration (see `self_rewarding`).
+    SelfRewarding,
     /// Offline DPO on a preference file.
     Dpo,
     /// Offline IPO.
@@ -40,17 +47,25 @@ impl Method {
     pub fn is_online(self) -> bool {
         matches!(
             self,
-            Method::Osp | Method::OspHard | Method::OspRandomPairs | Method::OnlineDpo
+            Method::Osp
+                | Method::OspHard
+                | Method::OspRandomPairs
+                | Method::OnlineDpo
+                | Method::Ppo
+                | Method::SelfRewarding
         )
     }
 
-    /// The loss this method trains with.
+    /// The loss this method trains with (PPO has its own clipped loss and leaves `[loss]` at
+    /// its default, unused).
     pub fn loss_kind(self) -> LossKind {
         match self {
-            Method::Osp | Method::OspHard | Method::OspRandomPairs | Method::SpceOffline => {
-                LossKind::Spce
-            }
-            Method::OnlineDpo | Method::Dpo => LossKind::Dpo,
+            Method::Osp
+            | Method::OspHard
+            | Method::OspRandomPairs
+            | Method::SpceOffline
+            | Method::Ppo => LossKind::Spce,
+            Method::OnlineDpo | Method::Dpo | Method::SelfRewarding => LossKind::Dpo,
             Method::Ipo => LossKind::Ipo,
             Method::Cdpo => LossKind::Cdpo,
         }
@@ -101,6 +116,46 @@ pub struct TrainConfig {
     pub pairing: PairingConfig,
     pub sampling: SamplingParams,
     pub data: PrefData,
+    /// PPO's settings (method "ppo"; TRL `PPOConfig`'s names and defaults).
+    pub ppo: PpoConfig,
+    /// How the model scores its own samples (method "self-rewarding").
+    pub self_reward: SelfRewardConfig,
+    /// The iterations of method "self-rewarding".
+    pub self_rewarding: SelfRewardingSection,
+}
+
+/// `[self_rewarding]`: M1 → M2 → … as one run. `train.steps` is split evenly (the first
+/// iterations take the remainder's extra steps); at the start of every iteration after the
+/// first, πref becomes the model trained so far (Yuan et al.'s M_t), saved as
+/// `RUN/self_rewarding/m{t}/` (an adapter or model folder). Optimiser state and the learning
+/// rate schedule run on across iterations (the paper restarts the optimiser per iteration).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SelfRewardingSection {
+    /// Iterations (each one restarts πref from the previous one's model). Default 2.
+    pub iterations: usize,
+}
+
+impl Default for SelfRewardingSection {
+    fn default() -> Self {
+        Self { iterations: 2 }
+    }
+}
+
+impl SelfRewardingSection {
+    /// The optimiser step at which each iteration starts, for a run of `steps` steps.
+    pub fn starts(&self, steps: usize) -> Vec<usize> {
+        let n = self.iterations.max(1);
+        let (q, r) = (steps / n, steps % n);
+        let mut at = 0;
+        (0..n)
+            .map(|i| {
+                let s = at;
+                at += q + usize::from(i < r);
+                s
+            })
+            .collect()
+    }
 }
 
 impl Default for TrainConfig {
@@ -125,6 +180,9 @@ impl Default for TrainConfig {
                 ..Default::default()
             },
             data: PrefData::default(),
+            ppo: PpoConfig::default(),
+            self_reward: SelfRewardConfig::default(),
+            self_rewarding: SelfRewardingSection::default(),
         }
     }
 }
@@ -174,6 +232,38 @@ impl TrainConfig {
                 bail!("pairing.mode = \"random\" is the osp-random-pairs method; use --method osp-random-pairs")
             }
             Method::OnlineDpo => self.pairing.k = 2,
+            Method::Ppo => {
+                self.ppo.validate()?;
+                if self.ppo.reward_model.is_none() {
+                    bail!("method ppo needs a reward model: pass --reward-model DIR or set ppo.reward_model (train one with osp rm-train)");
+                }
+                super::config::no_empty_path("ppo.reward_model", self.ppo.reward_model.as_deref())?;
+                if self.sampling.temperature <= 0.0 {
+                    bail!("method ppo needs sampling.temperature > 0 (its ratios are of sampled tokens)");
+                }
+                if self.pairing.k < 1 {
+                    bail!("pairing.k (samples per prompt) must be at least 1");
+                }
+                let rows = self.train.batch_size * self.pairing.k;
+                if !rows.is_multiple_of(self.ppo.num_mini_batches) {
+                    bail!(
+                        "method ppo: train.batch_size × pairing.k = {rows} samples per micro-batch must be a multiple of ppo.num_mini_batches = {}",
+                        self.ppo.num_mini_batches
+                    );
+                }
+            }
+            Method::SelfRewarding => {
+                if self.pairing.k < 2 {
+                    bail!("method self-rewarding needs pairing.k ≥ 2 samples per prompt to pair");
+                }
+                let n = self.self_rewarding.iterations;
+                if n < 1 || n > self.train.steps.max(1) {
+                    bail!(
+                        "self_rewarding.iterations = {n} must be in 1..=train.steps ({})",
+                        self.train.steps
+                    );
+                }
+            }
             Method::Cdpo if self.loss.label_smoothing <= 0.0 => {
                 bail!("method cdpo needs loss.label_smoothing > 0 (the ε of conservative DPO)")
             }
@@ -196,8 +286,17 @@ impl TrainConfig {
             bail!("data.eval_fraction must be in [0, 1)");
         }
         self.sampling.validate()?;
-        if self.method != Method::OnlineDpo {
+        if !matches!(
+            self.method,
+            Method::OnlineDpo | Method::Ppo | Method::SelfRewarding
+        ) {
             self.pairing.validate()?;
+        }
+        if self.method != Method::Ppo && self.ppo.reward_model.is_some() {
+            bail!(
+                "ppo.reward_model is set but the method is {:?}; only --method ppo uses a reward model",
+                self.method
+            );
         }
         Ok(())
     }

@@ -10,6 +10,8 @@ pub mod online_method;
 pub mod optim;
 pub mod pairs;
 pub mod policy;
+pub mod ppo;
 pub mod resume;
+pub mod self_rewarding;
 pub mod sft;
 pub mod trainer;

@@ -2,7 +2,7 @@
 //! the current policy, judge them with the model itself, pair them, and take one optimiser
 //! step on the preference loss against πref.
 use super::method::{Method, TrainConfig};
-use super::online_method::{online_method, OnlineMethod, OnlinePair};
+use super::online_method::{online_method_with, OnlineMethod, OnlinePair};
 use super::pairs::{load_pairs, reference_for, response_logps};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
@@ -204,12 +204,16 @@ impl OnlineRun {
         let what = format!("{:?}", cfg.method);
         let (trainer, data) = Trainer::start(lm.model, &cfg.optim, &cfg.train, resume, &what, cfg)?;
         let cursor = data.unwrap_or_else(|| DataCursor::new(cfg.train.seed));
+        // Self-rewarding resumed in a later iteration: πref is that iteration's M_t.
+        let reference =
+            super::self_rewarding::resumed_reference(cfg, trainer.step(), &trainer.run_dir)?
+                .unwrap_or(reference);
         Ok(Self {
             cfg: cfg.clone(),
+            method: online_method_with(cfg, &tok)?,
             tok,
             trainer,
             judge,
-            method: online_method(cfg)?,
             reference,
             initial_judge,
             prompts,
@@ -265,6 +269,16 @@ impl OnlineRun {
     /// prompts, sample → judge → pair → log-probs → loss → backward; then one optimiser step.
     /// Returns None when the step was skipped (non-finite values under on_nonfinite = "skip").
     pub fn iteration(&mut self) -> Result<Option<Map<String, Value>>> {
+        // Self-rewarding: a new iteration trains against the model so far as πref.
+        if let Some(r) = super::self_rewarding::next_reference(
+            &self.cfg,
+            self.trainer.step(),
+            &self.trainer.model,
+            &self.tok,
+            &self.trainer.run_dir,
+        )? {
+            self.reference = r;
+        }
         let batches: Vec<Vec<usize>> = (0..self.cfg.train.grad_accum)
             .map(|_| {
                 self.cursor
@@ -385,6 +399,13 @@ impl OnlineRun {
 
         // 5. The loss on the pairs, backpropagated into the accumulator.
         let t = Instant::now();
+        if pairs.is_empty() {
+            // Self-rewarding can find no pair (every prompt's samples scored alike): the
+            // micro-batch contributes a zero gradient.
+            let zero = (pol_all.sum_all()? * 0.0)?;
+            self.trainer.accumulate(&zero, 0)?;
+            return Ok(());
+        }
         let device = self.trainer.model.device().clone();
         let idx = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
             let v: Vec<u32> = pairs.iter().map(|q| f(q) as u32).collect();
@@ -493,6 +514,13 @@ impl OnlineRun {
         stats: &mut JudgeStats,
     ) -> Result<Vec<OnlinePair>> {
         let prompt = self.prompts[p].0.as_str();
+        if let Some(sr) = self.method.self_rewarding() {
+            let texts: Vec<&str> = cands.iter().map(|g| g.text.as_str()).collect();
+            let (pairs, tokens) = sr.score_and_pair(judge_model, &self.tok, prompt, &texts)?;
+            stats.judgements += cands.len();
+            stats.prompt_tokens += tokens;
+            return Ok(pairs);
+        }
         let text = |c: Cand| -> &str {
             match c {
                 Cand::Sample(i) => cands[i].text.as_str(),
@@ -589,9 +617,11 @@ impl OnlineRun {
 /// (sampled and judged for nothing). None when every sample is used.
 pub fn pairing_warning(cfg: &TrainConfig) -> Option<String> {
     let k = cfg.pairing.k;
-    let wasted = cfg.method != Method::OnlineDpo
-        && cfg.pairing.baseline == Baseline::First
-        && k.is_multiple_of(2);
+    let ranked = matches!(
+        cfg.method,
+        Method::Osp | Method::OspHard | Method::OspRandomPairs
+    );
+    let wasted = ranked && cfg.pairing.baseline == Baseline::First && k.is_multiple_of(2);
     wasted.then(|| {
         format!(
             "pairing.k = {k} with baseline = \"first\": sample 0 is the baseline and the other \
@@ -613,7 +643,7 @@ pub fn sample_seed(seed: u64, step: usize, prompt: usize, sample: usize) -> u64 
     x
 }
 
-fn load_prompt_texts(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Vec<String>> {
+pub(crate) fn load_prompt_texts(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Vec<String>> {
     let render = ChatRender::for_tokenizer(Some(tok));
     let (texts, warnings): (Vec<String>, Vec<String>) =
         match (&cfg.data.prompts, &cfg.data.preferences) {

@@ -3,7 +3,9 @@
 //! the optimiser step, evaluation) is the shared loop of `online.rs`, as TRL keeps one small
 //! trainer per method over shared machinery.
 use super::method::{Method, TrainConfig};
+use super::self_rewarding::SelfRewarding;
 use crate::pairing::{pair_candidates, Cand, JudgeFn, PairingConfig};
+use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use rand_chacha::ChaCha8Rng;
 
@@ -29,6 +31,12 @@ pub trait OnlineMethod {
         judge: &mut JudgeFn<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Result<Vec<OnlinePair>>;
+
+    /// A method that scores each sample alone instead (self-rewarding): the loop then pairs
+    /// a prompt's samples with its `score_and_pair`.
+    fn self_rewarding(&self) -> Option<&SelfRewarding> {
+        None
+    }
 }
 
 /// OSP (OSP.md §2): ranked (or, for the ablation, random) pairs with judged strengths; with
@@ -99,6 +107,17 @@ pub fn online_method(cfg: &TrainConfig) -> Result<Box<dyn OnlineMethod>> {
             hard: true,
         }),
         Method::OnlineDpo => Box::new(OnlineDpo),
-        m => bail!("method {m:?} is not an online method"),
+        Method::SelfRewarding => {
+            bail!("method self-rewarding needs the tokenizer: use online_method_with")
+        }
+        m => bail!("method {m:?} is not a pairwise online method"),
     })
+}
+
+/// [`online_method`], plus the methods that need the tokenizer (self-rewarding's judge).
+pub fn online_method_with(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Box<dyn OnlineMethod>> {
+    match cfg.method {
+        Method::SelfRewarding => Ok(Box::new(SelfRewarding::new(cfg, tok)?)),
+        _ => online_method(cfg),
+    }
 }

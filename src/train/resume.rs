@@ -60,6 +60,19 @@ impl RunRecord {
         }
     }
 
+    /// The record with the fields an older osp did not write (a section added since) at
+    /// today's defaults: the config read back through its type and written again. Unchanged
+    /// when it does not read back.
+    pub fn with_defaults<C: RunConfig + serde::de::DeserializeOwned>(mut self) -> Self {
+        let read = serde_json::from_value::<C>(self.config.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(serde_json::to_value(&c)?));
+        if let Ok(v) = read {
+            self.config = v;
+        }
+        self
+    }
+
     /// Refuses to continue `recorded` (the checkpoint's run, `done` steps finished, in
     /// `checkpoint`) as `self`, with every reason: another command or method, changed
     /// fields, or fewer steps than are done.

@@ -105,19 +105,20 @@ impl Trainer {
     /// `new`, plus what every trainer does next: refuse to resume a different run (see
     /// `resume`), write the resolved config into the run folder and read back the
     /// checkpoint's data position (None for a fresh run).
-    pub fn start<D: serde::de::DeserializeOwned>(
+    pub fn start<D: serde::de::DeserializeOwned, C: RunConfig + serde::de::DeserializeOwned>(
         model: Llama,
         optim_cfg: &OptimConfig,
         cfg: &TrainSection,
         resume: bool,
         what: &str,
-        resolved: &impl RunConfig,
+        resolved: &C,
     ) -> Result<(Self, Option<D>)> {
         let record = RunRecord::of(resolved)?;
         if resume {
             if let Some(dir) = checkpoint::latest(&cfg.out)? {
                 let state = checkpoint::read_state(&dir)?;
-                record.check_continues(state.run.as_ref(), state.step, &dir)?;
+                let old = state.run.map(RunRecord::with_defaults::<C>);
+                record.check_continues(old.as_ref(), state.step, &dir)?;
             }
         }
         let (mut trainer, state) = Self::new(model, optim_cfg, cfg, resume, what)?;
