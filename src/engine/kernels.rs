@@ -298,11 +298,10 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::hsum8;
     use std::arch::x86_64::*;
 
     /// acc[i][j] = x_i · w_j with one 16-lane FMA register per (i, j); the lanes are summed
-    /// in a fixed order (halves first, then as `hsum8`), then the tail in order.
+    /// in a fixed tree order, then the tail in order.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dots<const R: usize, const O: usize>(
         xs: &[&[f32]; R],
@@ -327,10 +326,10 @@ mod avx512 {
         }
         for i in 0..R {
             for j in 0..O {
-                let mut l = [0f32; 16];
-                _mm512_storeu_ps(l.as_mut_ptr(), a[i][j]);
-                let half: [f32; 8] = std::array::from_fn(|t| l[t] + l[t + 8]);
-                let mut s = hsum8(&half);
+                // In-register tree (halves, then quarters, ...): the same fixed order for
+                // every accumulator, without a round trip through memory and 15 scalar adds
+                // (which cost as much as the FMAs themselves at k = 512).
+                let mut s = _mm512_reduce_add_ps(a[i][j]);
                 for t in body..k {
                     s += xs[i][t] * ws[j][t];
                 }
