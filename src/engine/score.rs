@@ -256,12 +256,13 @@ pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -
             n += 1;
         }
         let mut sums = vec![0f32; n];
+        let mut logits = vec![];
         for chunk in wanted.chunks(HEAD_ROWS) {
             let mut hid = Vec::with_capacity(chunk.len() * d);
             for &(_, r, _) in chunk {
                 hid.extend_from_slice(&h[r * d..(r + 1) * d]);
             }
-            let logits = engine.logits(&hid, chunk.len())?;
+            engine.logits_into(&hid, chunk.len(), &mut logits)?;
             for (k, &(i, _, t)) in chunk.iter().enumerate() {
                 let l = &logits[k * vocab..(k + 1) * vocab];
                 let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
