@@ -256,8 +256,19 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::hsum8;
     use std::arch::x86_64::*;
+
+    /// `hsum8` of a register without a round trip through memory: lanes l and l + 4 first,
+    /// then (0 + 1) + (2 + 3) of those sums, the exact order of `hsum8` (so results equal
+    /// the portable kernel's summation and earlier AVX2 runs bit for bit).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn hsum8_reg(v: __m256) -> f32 {
+        let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        // [a1, a0, a3, a2]: b = [a0 + a1, _, a2 + a3, _].
+        let b = _mm_add_ps(a, _mm_shuffle_ps::<0b10_11_00_01>(a, a));
+        _mm_cvtss_f32(_mm_add_ss(b, _mm_movehl_ps(b, b)))
+    }
 
     /// acc[i][j] = x_i · w_j with one FMA register per (i, j), then the tail in order.
     #[target_feature(enable = "avx2,fma")]
@@ -284,9 +295,7 @@ mod avx2 {
         }
         for i in 0..R {
             for j in 0..O {
-                let mut l = [0f32; 8];
-                _mm256_storeu_ps(l.as_mut_ptr(), a[i][j]);
-                let mut s = hsum8(&l);
+                let mut s = hsum8_reg(a[i][j]);
                 for t in body..k {
                     s += xs[i][t] * ws[j][t];
                 }
@@ -359,6 +368,23 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_register_sum_is_hsum8_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        for seed in 0..200u32 {
+            let l: [f32; 8] = std::array::from_fn(|i| {
+                let v = data(8, seed)[i];
+                v * 10f32.powi((i as i32 * 7 + seed as i32) % 9 - 4)
+            });
+            // Safety: AVX2 checked above.
+            let got = unsafe { avx2::hsum8_reg(std::arch::x86_64::_mm256_loadu_ps(l.as_ptr())) };
+            assert_eq!(got.to_bits(), hsum8(&l).to_bits(), "{l:?}");
+        }
     }
 
     #[test]
