@@ -185,6 +185,35 @@ fn judge_answer_probabilities_equal_the_reference() {
     }
 }
 
+/// Judge prompts sharing a prefix (the template's head and the task prompt) have it computed
+/// once; each prompt's p_AB must be bit-identical to judging it alone.
+#[test]
+fn shared_judge_prefixes_give_exactly_the_values_of_judging_alone() {
+    for name in FIXTURES {
+        let model = load(name, lora());
+        randomise_adapter(&model, 12);
+        let engine = Engine::new(&model).unwrap();
+        let base = inputs(name).concat();
+        let head = &base[..12.min(base.len() - 3)];
+        // Three prompts on one long prefix, two on a shorter one, one sharing nothing, and
+        // one that is all prefix but its last token.
+        let mut seqs = vec![];
+        for (cut, tail) in [(0, 0), (0, 1), (0, 2), (3, 0), (3, 2)] {
+            let mut s = head[..head.len() - cut].to_vec();
+            s.extend(base.iter().rev().skip(tail).take(4 + tail));
+            seqs.push(s);
+        }
+        seqs.push(base.iter().rev().take(9).copied().collect());
+        seqs.push(head[..9].to_vec());
+        let (a, b) = (3u32, 5u32);
+        let together = score::p_ab(&engine, &seqs, (a, b), 4).unwrap();
+        for (i, s) in seqs.iter().enumerate() {
+            let alone = score::p_ab(&engine, std::slice::from_ref(s), (a, b), 1).unwrap();
+            assert_eq!(together[i], alone[0], "{name}: prompt {i}");
+        }
+    }
+}
+
 #[test]
 fn response_logps_equal_the_reference() {
     for name in FIXTURES {

@@ -131,7 +131,7 @@ pub fn generate(
             })
             .collect();
         let h = engine.hidden(&segs, &mut own, Some(&prefix))?;
-        logits = engine.logits(&h, segs.len())?;
+        engine.logits_into(&h, segs.len(), &mut logits)?;
     }
     (0..n)
         .map(|i| {

@@ -172,6 +172,12 @@ impl Engine {
         Ok(y)
     }
 
+    /// `logits` into a buffer reused across calls: [rows, vocab] is megabytes, and a fresh
+    /// allocation per decode step or scoring chunk costs the kernel's page zeroing each time.
+    pub fn logits_into(&self, hidden: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
+        self.view.head.forward(hidden, rows, y)
+    }
+
     /// Logits of a few vocabulary entries for one hidden state (the judge's two answers):
     /// the head's other rows are never computed.
     pub fn logits_of(&self, hidden: &[f32], ids: &[u32]) -> Result<Vec<f32>> {

@@ -7,7 +7,10 @@
 //! accumulated in the same order whatever block it falls in, so a row's result does not depend
 //! on how many other rows are in the product: a request's samples are the same alone and in a
 //! batch. AVX2/FMA is used when the CPU has it (detected at run time); otherwise a portable
-//! version with 8 independent lanes, which the compiler vectorises.
+//! version with 8 independent lanes, which the compiler vectorises. Where the CPU has
+//! AVX-512F the same kernel runs 16 lanes wide (twice the work per instruction); the lanes'
+//! summation order then differs from AVX2's, so results are exact per machine, not across
+//! instruction sets.
 //!
 //! Threads are picked by the size of the work: a product below `MIN_WORK_PER_THREAD`
 //! multiply-adds per thread runs on the calling thread (a tiny model runs single-threaded).
@@ -59,7 +62,7 @@ pub fn matmul_nt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &
     }
     let threads = threads_for(rows * inp * out);
     let yp = OutPtr(y.as_mut_ptr());
-    let avx = has_avx2_fma();
+    let avx = isa();
     let run = move |r0: usize, r1: usize, o0: usize, o1: usize| {
         // Safety: tasks cover disjoint (row, output) rectangles of y.
         unsafe { block(x, inp, w, yp, out, r0, r1, o0, o1, avx) }
@@ -82,16 +85,35 @@ pub fn matmul_nt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &
     }
 }
 
-fn has_avx2_fma() -> bool {
+/// The instruction set the micro-kernel uses, detected once at run time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Isa {
+    /// AVX-512F: 16 lanes per FMA, twice AVX2's work per instruction.
+    Avx512,
+    /// AVX2 with FMA: 8 lanes.
+    Avx2,
+    /// Plain Rust with 8 independent lanes, which the compiler vectorises.
+    Portable,
+}
+
+fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if is_x86_feature_detected!("avx512f") {
+                Isa::Avx512
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Isa::Avx2
+            } else {
+                Isa::Portable
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Portable
     }
 }
 
@@ -109,7 +131,7 @@ unsafe fn block(
     r1: usize,
     o0: usize,
     o1: usize,
-    avx: bool,
+    avx: Isa,
 ) {
     let mut rt = r0;
     while rt < r1 {
@@ -147,18 +169,19 @@ fn micro(
     o: usize,
     n_o: usize,
     acc: &mut [[f32; 4]; 3],
-    avx: bool,
+    avx: Isa,
 ) {
     macro_rules! go {
         ($R:literal, $O:literal) => {{
             let xs: [&[f32]; $R] = std::array::from_fn(|i| &x[(r + i) * inp..(r + i + 1) * inp]);
             let ws: [&[f32]; $O] = std::array::from_fn(|j| &w[(o + j) * inp..(o + j + 1) * inp]);
             #[cfg(target_arch = "x86_64")]
-            if avx {
+            match avx {
+                // Safety: the CPU has AVX-512F (checked at run time).
+                Isa::Avx512 => unsafe { avx512::dots::<$R, $O>(&xs, &ws, acc) },
                 // Safety: the CPU has AVX2 and FMA (checked at run time).
-                unsafe { avx2::dots::<$R, $O>(&xs, &ws, acc) };
-            } else {
-                portable::dots::<$R, $O>(&xs, &ws, acc);
+                Isa::Avx2 => unsafe { avx2::dots::<$R, $O>(&xs, &ws, acc) },
+                Isa::Portable => portable::dots::<$R, $O>(&xs, &ws, acc),
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
@@ -233,8 +256,19 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::hsum8;
     use std::arch::x86_64::*;
+
+    /// `hsum8` of a register without a round trip through memory: lanes l and l + 4 first,
+    /// then (0 + 1) + (2 + 3) of those sums, the exact order of `hsum8` (so results equal
+    /// the portable kernel's summation and earlier AVX2 runs bit for bit).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn hsum8_reg(v: __m256) -> f32 {
+        let a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        // [a1, a0, a3, a2]: b = [a0 + a1, _, a2 + a3, _].
+        let b = _mm_add_ps(a, _mm_shuffle_ps::<0b10_11_00_01>(a, a));
+        _mm_cvtss_f32(_mm_add_ss(b, _mm_movehl_ps(b, b)))
+    }
 
     /// acc[i][j] = x_i · w_j with one FMA register per (i, j), then the tail in order.
     #[target_feature(enable = "avx2,fma")]
@@ -261,9 +295,50 @@ mod avx2 {
         }
         for i in 0..R {
             for j in 0..O {
-                let mut l = [0f32; 8];
-                _mm256_storeu_ps(l.as_mut_ptr(), a[i][j]);
-                let mut s = hsum8(&l);
+                let mut s = hsum8_reg(a[i][j]);
+                for t in body..k {
+                    s += xs[i][t] * ws[j][t];
+                }
+                acc[i][j] = s;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// acc[i][j] = x_i · w_j with one 16-lane FMA register per (i, j); the lanes are summed
+    /// in a fixed tree order, then the tail in order.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dots<const R: usize, const O: usize>(
+        xs: &[&[f32]; R],
+        ws: &[&[f32]; O],
+        acc: &mut [[f32; 4]; 3],
+    ) {
+        let k = xs[0].len();
+        let body = k - k % 16;
+        let mut a = [[_mm512_setzero_ps(); O]; R];
+        let xp: [*const f32; R] = std::array::from_fn(|i| xs[i].as_ptr());
+        let wp: [*const f32; O] = std::array::from_fn(|j| ws[j].as_ptr());
+        let mut c = 0;
+        while c < body {
+            let wv: [__m512; O] = std::array::from_fn(|j| _mm512_loadu_ps(wp[j].add(c)));
+            for i in 0..R {
+                let xv = _mm512_loadu_ps(xp[i].add(c));
+                for j in 0..O {
+                    a[i][j] = _mm512_fmadd_ps(xv, wv[j], a[i][j]);
+                }
+            }
+            c += 16;
+        }
+        for i in 0..R {
+            for j in 0..O {
+                // In-register tree (halves, then quarters, ...): the same fixed order for
+                // every accumulator, without a round trip through memory and 15 scalar adds
+                // (which cost as much as the FMAs themselves at k = 512).
+                let mut s = _mm512_reduce_add_ps(a[i][j]);
                 for t in body..k {
                     s += xs[i][t] * ws[j][t];
                 }
@@ -293,6 +368,23 @@ mod tests {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_register_sum_is_hsum8_bit_for_bit() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        for seed in 0..200u32 {
+            let l: [f32; 8] = std::array::from_fn(|i| {
+                let v = data(8, seed)[i];
+                v * 10f32.powi((i as i32 * 7 + seed as i32) % 9 - 4)
+            });
+            // Safety: AVX2 checked above.
+            let got = unsafe { avx2::hsum8_reg(std::arch::x86_64::_mm256_loadu_ps(l.as_ptr())) };
+            assert_eq!(got.to_bits(), hsum8(&l).to_bits(), "{l:?}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! vocabulary rows for the judge; chunks of rows for log-probabilities), so memory stays
 //! bounded by the batch's tokens, not by tokens × vocabulary or by [T, T] scores.
 use super::forward::{Engine, Segment};
+use super::kv::KvCache;
 use anyhow::{bail, Result};
 
 /// Tokens per forward when scoring: bounds the activations.
@@ -18,39 +19,145 @@ fn batched(
     engine: &Engine,
     seqs: &[&[u32]],
     batch: usize,
+    f: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    batched_after(engine, seqs, &vec![None; seqs.len()], None, batch, f)
+}
+
+/// `batched` where sequence i's first tokens may already sit in `shared` (`prefix[i]` =
+/// (slot, length)): only the rest of it runs, attending to that prefix first. The hidden
+/// states passed to `f` are those of the rest only.
+fn batched_after(
+    engine: &Engine,
+    seqs: &[&[u32]],
+    prefix: &[Option<(usize, usize)>],
+    shared: Option<&KvCache>,
+    batch: usize,
     mut f: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
     if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
         bail!("sequence {i} is empty");
     }
+    let skip = |i: usize| prefix[i].map_or(0, |p| p.1);
+    let rest = |i: usize| &seqs[i][skip(i)..];
     let mut i0 = 0;
     while i0 < seqs.len() {
         let mut i1 = i0 + 1;
-        let mut total = seqs[i0].len();
-        while i1 < seqs.len() && i1 - i0 < batch && total + seqs[i1].len() <= SCORE_TOKENS {
-            total += seqs[i1].len();
+        let mut total = rest(i0).len();
+        while i1 < seqs.len() && i1 - i0 < batch && total + rest(i1).len() <= SCORE_TOKENS {
+            total += rest(i1).len();
             i1 += 1;
         }
-        let longest = seqs[i0..i1].iter().map(|s| s.len()).max().unwrap_or(1);
+        let longest = (i0..i1).map(|i| rest(i).len()).max().unwrap_or(1);
         let mut scratch = engine.scratch(i1 - i0, longest);
         let segs: Vec<Segment> = (i0..i1)
             .map(|i| Segment {
-                tokens: seqs[i],
+                tokens: rest(i),
                 slot: i - i0,
                 start: 0,
-                pos0: 0,
-                prefix: None,
+                pos0: skip(i),
+                prefix: prefix[i],
             })
             .collect();
-        let h = engine.hidden(&segs, &mut scratch, None)?;
+        let h = engine.hidden(&segs, &mut scratch, shared)?;
         f(i0, &h)?;
         i0 = i1;
     }
     Ok(())
 }
 
+/// Shortest prefix worth computing once for a group of judge prompts.
+const MIN_SHARED: usize = 8;
+
+/// Slots × positions of one shared-prefix cache: bounds its memory (every layer is kept).
+const PREFIX_TOKENS: usize = 2048;
+
+/// Groups of judge prompts that begin with the same tokens (the template's head and the task
+/// prompt; in the second order, the same first response too): (members, shared length), the
+/// length at least `MIN_SHARED` and short of every member's end (each keeps its last token to
+/// run itself), or 0 for a prompt that shares nothing. The prompts are sorted, so a group is a
+/// run of neighbours whose common prefix is the least of their neighbours' ones; the runs are
+/// chosen to save the most positions, Σ (members − 1) · length (a small dynamic programme:
+/// one long group on the task prompt may save less than two on longer, narrower prefixes).
+fn prefix_groups(seqs: &[&[u32]]) -> Vec<(Vec<usize>, usize)> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by(|&a, &b| seqs[a].cmp(seqs[b]));
+    let n = order.len();
+    let lcp = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // near[i]: common prefix of sorted neighbours i and i + 1.
+    let near: Vec<usize> = (1..n)
+        .map(|i| lcp(seqs[order[i - 1]], seqs[order[i]]))
+        .collect();
+    // Shared length of a run of `members` with this common prefix and shortest member.
+    let usable = |members: usize, common: usize, shortest: usize| -> usize {
+        let len = common.min(shortest - 1);
+        if members >= 2 && len >= MIN_SHARED {
+            len
+        } else {
+            0
+        }
+    };
+    // best[j]: (saving, start of the last run, its shared length) for order[..j].
+    let mut best: Vec<(usize, usize, usize)> = vec![(0, 0, 0); n + 1];
+    for j in 1..=n {
+        best[j] = (best[j - 1].0, j - 1, 0);
+        let (mut common, mut shortest) = (usize::MAX, seqs[order[j - 1]].len());
+        // Runs order[i..j], longer and longer: the common prefix only shrinks.
+        for i in (0..j - 1).rev() {
+            common = common.min(near[i]);
+            if common < MIN_SHARED {
+                break;
+            }
+            shortest = shortest.min(seqs[order[i]].len());
+            let len = usable(j - i, common, shortest);
+            let saving = best[i].0 + (j - i - 1) * len;
+            if saving > best[j].0 {
+                best[j] = (saving, i, len);
+            }
+        }
+    }
+    let mut groups = vec![];
+    let mut j = n;
+    while j > 0 {
+        let (_, i, len) = best[j];
+        groups.push((order[i..j].to_vec(), len));
+        j = i;
+    }
+    groups.reverse();
+    groups
+}
+
+/// Prefills the groups' shared prefixes into one cache (slot = index in `groups`).
+fn prefill_prefixes(
+    engine: &Engine,
+    seqs: &[&[u32]],
+    groups: &[(Vec<usize>, usize)],
+) -> Result<KvCache> {
+    let cap = groups.iter().map(|g| g.1).max().unwrap_or(0).max(1);
+    let mut cache = engine.cache(groups.len(), cap);
+    let segs: Vec<Segment> = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.1 > 0)
+        .map(|(slot, (m, l))| Segment {
+            tokens: &seqs[m[0]][..*l],
+            slot,
+            start: 0,
+            pos0: 0,
+            prefix: None,
+        })
+        .collect();
+    // At most PREFIX_TOKENS positions in all, so one forward suffices.
+    if !segs.is_empty() {
+        engine.hidden(&segs, &mut cache, None)?;
+    }
+    Ok(cache)
+}
+
 /// p_AB = σ(ℓ_a − ℓ_b) at the last position of each judge prompt, `batch` prompts per
-/// forward.
+/// forward. Prefixes shared by several prompts are computed once (`prefix_groups`), a chunk
+/// of groups at a time; every prompt's value is exactly what it is judged alone, since each
+/// row's arithmetic is independent of the batch and of where its keys were computed.
 pub fn p_ab(
     engine: &Engine,
     prompts: &[Vec<u32>],
@@ -59,20 +166,54 @@ pub fn p_ab(
 ) -> Result<Vec<f64>> {
     let d = engine.cfg.hidden_size;
     let seqs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let mut out = Vec::with_capacity(prompts.len());
-    batched(engine, &seqs, batch.max(1), |i0, h| {
-        let mut end = 0;
-        for s in &seqs[i0..] {
-            if end >= h.len() / d {
-                break;
-            }
-            end += s.len();
-            let l = engine.logits_of(&h[(end - 1) * d..end * d], &[answers.0, answers.1])?;
-            let diff = (l[0] - l[1]) as f64;
-            out.push(1.0 / (1.0 + (-diff).exp()));
+    if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+        bail!("sequence {i} is empty");
+    }
+    let groups = prefix_groups(&seqs);
+    let mut out = vec![f64::NAN; prompts.len()];
+    let mut g0 = 0;
+    while g0 < groups.len() {
+        // As many groups as the prefix cache's budget holds (at least one).
+        let mut g1 = g0 + 1;
+        let mut longest = groups[g0].1;
+        while g1 < groups.len() && (g1 + 1 - g0) * longest.max(groups[g1].1) <= PREFIX_TOKENS {
+            longest = longest.max(groups[g1].1);
+            g1 += 1;
         }
-        Ok(())
-    })?;
+        let chunk = &groups[g0..g1];
+        let cache = prefill_prefixes(engine, &seqs, chunk)?;
+        let mut idx = vec![];
+        let mut prefix = vec![];
+        for (slot, (members, len)) in chunk.iter().enumerate() {
+            for &i in members {
+                idx.push(i);
+                prefix.push((*len > 0).then_some((slot, *len)));
+            }
+        }
+        let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i]).collect();
+        batched_after(
+            engine,
+            &sub,
+            &prefix,
+            Some(&cache),
+            batch.max(1),
+            |j0, h| {
+                let mut end = 0;
+                for j in j0..sub.len() {
+                    if end >= h.len() / d {
+                        break;
+                    }
+                    end += sub[j].len() - prefix[j].map_or(0, |p| p.1);
+                    let l =
+                        engine.logits_of(&h[(end - 1) * d..end * d], &[answers.0, answers.1])?;
+                    let diff = (l[0] - l[1]) as f64;
+                    out[idx[j]] = 1.0 / (1.0 + (-diff).exp());
+                }
+                Ok(())
+            },
+        )?;
+        g0 = g1;
+    }
     Ok(out)
 }
 
@@ -115,12 +256,13 @@ pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -
             n += 1;
         }
         let mut sums = vec![0f32; n];
+        let mut logits = vec![];
         for chunk in wanted.chunks(HEAD_ROWS) {
             let mut hid = Vec::with_capacity(chunk.len() * d);
             for &(_, r, _) in chunk {
                 hid.extend_from_slice(&h[r * d..(r + 1) * d]);
             }
-            let logits = engine.logits(&hid, chunk.len())?;
+            engine.logits_into(&hid, chunk.len(), &mut logits)?;
             for (k, &(i, _, t)) in chunk.iter().enumerate() {
                 let l = &logits[k * vocab..(k + 1) * vocab];
                 let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -132,4 +274,40 @@ pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -
         Ok(())
     })?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_groups_save_the_most_positions() {
+        let head: Vec<u32> = (0..10).collect();
+        let with = |mid: &[u32], tail: u32| {
+            let mut s = head.clone();
+            s.extend_from_slice(mid);
+            s.push(tail);
+            s
+        };
+        let long_a: Vec<u32> = (100..130).collect();
+        let long_b: Vec<u32> = (200..230).collect();
+        let seqs = [
+            with(&long_a, 1),
+            with(&long_b, 1),
+            with(&long_a, 2),
+            with(&long_b, 2),
+            with(&long_a, 3),
+            vec![7, 7, 7],
+        ];
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let mut groups = prefix_groups(&refs);
+        groups.iter_mut().for_each(|g| g.0.sort());
+        groups.sort();
+        // Two groups on the 40-token prefixes beat one on the 10-token head; the odd one out
+        // shares nothing.
+        assert_eq!(
+            groups,
+            vec![(vec![0, 2, 4], 40), (vec![1, 3], 40), (vec![5], 0)]
+        );
+    }
 }

@@ -2,6 +2,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod judge_train;
+pub mod lockstep;
 pub mod method;
 pub mod metrics;
 pub mod offline;

@@ -1,9 +1,10 @@
 //! The online loop (OSP.md §5) and its online baselines: sample K responses per prompt with
 //! the current policy, judge them with the model itself, pair them, and take one optimiser
 //! step on the preference loss against πref.
+use super::lockstep::lockstep_pairs;
 use super::method::{Method, TrainConfig};
 use super::online_method::{online_method_with, OnlineMethod, OnlinePair};
-use super::pairs::{load_pairs, reference_for, response_logps};
+use super::pairs::{bucketed_response_logps, frozen_response_logps, load_pairs, reference_for};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
@@ -27,6 +28,9 @@ pub const STRENGTH_BINS: usize = 10;
 
 /// Seeds of the evaluation samples: fixed across evaluations, apart from training's.
 const EVAL_SEED_SALT: u64 = 0x0e7a_1000;
+/// Sequences per batch of πθ's log-probabilities with the graph: sorted by length and padded
+/// per batch, so short prompts do not pay for the longest one.
+const GRAPH_BUCKET: usize = 16;
 /// Held-out prompts sampled per batch during evaluation.
 const EVAL_CHUNK: usize = 64;
 
@@ -340,12 +344,16 @@ impl OnlineRun {
             Baseline::Given => Some(self.reference_greedy(batch)?),
             Baseline::First => None,
         };
+        let per_prompt = self.pair_prompts(
+            judge_model,
+            batch,
+            &samples,
+            baselines.as_deref(),
+            step,
+            &mut log.judge,
+        )?;
         let mut pairs = Vec::new();
-        for (b, &p) in batch.iter().enumerate() {
-            let cands = &samples[b * k..(b + 1) * k];
-            let baseline = baselines.as_ref().map(|g| g[b].as_str());
-            let mut prompt_pairs =
-                self.pair_prompt(judge_model, p, cands, baseline, step, &mut log.judge)?;
+        for (b, mut prompt_pairs) in per_prompt.into_iter().enumerate() {
             // Pairs index the micro-batch's samples.
             prompt_pairs
                 .iter_mut()
@@ -364,22 +372,44 @@ impl OnlineRun {
         log.strengths
             .extend(pairs.iter().map(|q| (q.strength, q.rank)));
 
-        // 4. Log-probabilities of every sample under πref and πθ (πθ's with the graph; the
-        // pairs pick theirs), so that `objective/kl` covers every sampled completion, as TRL's.
+        // 4. Log-probabilities of every sample under πref and πθ, so that `objective/kl`
+        // covers every sampled completion, as TRL's. Only the paired samples need πθ's graph:
+        // each runs once through the training path (whatever pairs it is in); πref and the
+        // unpaired samples' πθ (the baseline sample, for KL alone) take the engine.
         let t = Instant::now();
         let seqs: Vec<(&[u32], &[u32])> = samples
             .iter()
             .enumerate()
             .map(|(i, g)| (self.prompts[batch[i / k]].1.as_slice(), g.tokens.as_slice()))
             .collect();
-        let ref_all = response_logps(&self.reference, &seqs)?.detach();
+        let ref_host = frozen_response_logps(&self.reference, &seqs)?;
+        let mut in_pair = vec![pairs.is_empty(); seqs.len()];
+        for q in &pairs {
+            (in_pair[q.chosen], in_pair[q.rejected]) = (true, true);
+        }
+        let (graph_idx, free_idx): (Vec<usize>, Vec<usize>) =
+            (0..seqs.len()).partition(|&i| in_pair[i]);
+        // Row of each sample in the graph pass.
+        let mut row = vec![usize::MAX; seqs.len()];
+        graph_idx.iter().enumerate().for_each(|(r, &i)| row[i] = r);
+        let pick = |idx: &[usize]| idx.iter().map(|&i| seqs[i]).collect::<Vec<_>>();
         self.trainer.model.set_training(true);
-        let pol_all = response_logps(&self.trainer.model, &seqs);
+        let pol_graph =
+            bucketed_response_logps(&self.trainer.model, &pick(&graph_idx), GRAPH_BUCKET);
         self.trainer.model.set_training(false);
-        let pol_all = pol_all?;
+        let pol_graph = pol_graph?;
+        let pol_free = match free_idx.is_empty() {
+            true => vec![],
+            false => frozen_response_logps(policy, &pick(&free_idx))?,
+        };
         log.secs.logprob += t.elapsed().as_secs_f64();
-        let pol_host: Vec<f32> = pol_all.detach().to_vec1()?;
-        let ref_host: Vec<f32> = ref_all.to_vec1()?;
+        let mut pol_host = vec![0f32; seqs.len()];
+        for (&i, v) in graph_idx.iter().zip(pol_graph.detach().to_vec1::<f32>()?) {
+            pol_host[i] = v;
+        }
+        for (&i, &v) in free_idx.iter().zip(&pol_free) {
+            pol_host[i] = v;
+        }
         let bad = (pol_host.iter().chain(&ref_host)).position(|x| !x.is_finite());
         if let Some(i) = bad {
             // Routed through train.on_nonfinite like a non-finite loss: skip or abort the step.
@@ -402,20 +432,27 @@ impl OnlineRun {
         if pairs.is_empty() {
             // Self-rewarding can find no pair (every prompt's samples scored alike): the
             // micro-batch contributes a zero gradient.
-            let zero = (pol_all.sum_all()? * 0.0)?;
+            let zero = (pol_graph.sum_all()? * 0.0)?;
             self.trainer.accumulate(&zero, 0)?;
             return Ok(());
         }
         let device = self.trainer.model.device().clone();
         let idx = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
-            let v: Vec<u32> = pairs.iter().map(|q| f(q) as u32).collect();
+            let v: Vec<u32> = pairs.iter().map(|q| row[f(q)] as u32).collect();
             Ok(Tensor::from_vec(v, pairs.len(), &device)?)
         };
         let (ci, ri) = (idx(|q| q.chosen)?, idx(|q| q.rejected)?);
         let strengths: Vec<f32> = pairs.iter().map(|q| q.strength as f32).collect();
         let strength = Tensor::from_vec(strengths, pairs.len(), &device)?;
-        let (pol_c, pol_r) = (pol_all.index_select(&ci, 0)?, pol_all.index_select(&ri, 0)?);
-        let (ref_c, ref_r) = (ref_all.index_select(&ci, 0)?, ref_all.index_select(&ri, 0)?);
+        let (pol_c, pol_r) = (
+            pol_graph.index_select(&ci, 0)?,
+            pol_graph.index_select(&ri, 0)?,
+        );
+        let ref_of = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
+            let v: Vec<f32> = pairs.iter().map(|q| ref_host[f(q)]).collect();
+            Ok(Tensor::from_vec(v, pairs.len(), &device)?)
+        };
+        let (ref_c, ref_r) = (ref_of(|q| q.chosen)?, ref_of(|q| q.rejected)?);
         let lp = PairLogps {
             policy_chosen: &pol_c,
             policy_rejected: &pol_r,
@@ -460,8 +497,8 @@ impl OnlineRun {
                 .zip(&o)
                 .map(|(r, g)| (r.prompt.as_slice(), g.tokens.as_slice()))
                 .collect();
-            let lp: Vec<f32> = response_logps(&policy, &seqs)?.to_vec1()?;
-            let lr: Vec<f32> = response_logps(&self.reference, &seqs)?.to_vec1()?;
+            let lp = frozen_response_logps(&policy, &seqs)?;
+            let lr = frozen_response_logps(&self.reference, &seqs)?;
             kl.extend(lp.iter().zip(&lr).map(|(p, r)| (p - r) as f64));
             ours.extend(o);
             theirs.extend(generate(
@@ -503,52 +540,73 @@ impl OnlineRun {
         Ok(Some(m))
     }
 
-    /// Judges one prompt's samples and pairs them, as the method does (`online_method`).
-    fn pair_prompt(
+    /// Judges every prompt's samples and pairs them, as the method does (`online_method`),
+    /// with the comparisons of all prompts in one batched judge call per round
+    /// (`lockstep`): the same pairs and strengths as judging each prompt alone.
+    fn pair_prompts(
         &self,
         judge_model: &Llama,
-        p: usize,
-        cands: &[Generation],
-        baseline: Option<&str>,
+        batch: &[usize],
+        samples: &[Generation],
+        baselines: Option<&[String]>,
         step: usize,
         stats: &mut JudgeStats,
-    ) -> Result<Vec<OnlinePair>> {
-        let prompt = self.prompts[p].0.as_str();
+    ) -> Result<Vec<Vec<OnlinePair>>> {
+        let k = self.cfg.pairing.k;
         if let Some(sr) = self.method.self_rewarding() {
-            let texts: Vec<&str> = cands.iter().map(|g| g.text.as_str()).collect();
-            let (pairs, tokens) = sr.score_and_pair(judge_model, &self.tok, prompt, &texts)?;
-            stats.judgements += cands.len();
-            stats.prompt_tokens += tokens;
-            return Ok(pairs);
+            // Pointwise scores, one prompt at a time: no comparisons to batch in rounds.
+            return (0..batch.len())
+                .map(|b| {
+                    let prompt = self.prompts[batch[b]].0.as_str();
+                    let texts: Vec<&str> = samples[b * k..(b + 1) * k]
+                        .iter()
+                        .map(|g| g.text.as_str())
+                        .collect();
+                    let (pairs, tokens) =
+                        sr.score_and_pair(judge_model, &self.tok, prompt, &texts)?;
+                    stats.judgements += texts.len();
+                    stats.prompt_tokens += tokens;
+                    Ok(pairs)
+                })
+                .collect();
         }
-        let text = |c: Cand| -> &str {
+        let text = |b: usize, c: Cand| -> &str {
             match c {
-                Cand::Sample(i) => cands[i].text.as_str(),
-                Cand::Baseline => baseline.unwrap_or(""),
+                Cand::Sample(i) => samples[b * k + i].text.as_str(),
+                Cand::Baseline => baselines.map_or("", |g| g[b].as_str()),
             }
         };
         let limit = judge_model.cfg.max_position_embeddings;
-        let mut judge = |cmp: &[(Cand, Cand)]| -> Result<Vec<f64>> {
-            let items: Vec<(&str, &str, &str)> = cmp
-                .iter()
-                .map(|&(a, b)| (prompt, text(a), text(b)))
-                .collect();
-            let js = self.judge.judge_with(&items, &mut |batch| {
-                let ids = batch
-                    .iter()
-                    .map(|(x, a, b)| self.judge.encode(&self.tok, x, a, b, limit))
-                    .collect::<Result<Vec<_>>>()?;
-                stats.prompt_tokens += ids.iter().map(Vec::len).sum::<usize>();
-                self.judge.p_ab(judge_model, &ids)
-            })?;
-            stats.judgements += js.len();
-            stats.position_biased += js.iter().filter(|j| j.position_biased()).count();
-            stats.abs_margin_sum += js.iter().map(|j| (j.strength - 0.5).abs()).sum::<f64>();
-            Ok(js.iter().map(|j| j.strength).collect())
+        let rng = |b: usize| {
+            ChaCha8Rng::seed_from_u64(sample_seed(self.cfg.train.seed ^ 0x5eed, step, batch[b], 0))
         };
-        let mut rng =
-            ChaCha8Rng::seed_from_u64(sample_seed(self.cfg.train.seed ^ 0x5eed, step, p, 0));
-        self.method.pairs(cands.len(), &mut judge, &mut rng)
+        let mut prompt_tokens = 0;
+        let (done, _rounds) =
+            lockstep_pairs(self.method.as_ref(), batch.len(), k, rng, |wanted| {
+                let items: Vec<(&str, &str, &str)> = wanted
+                    .iter()
+                    .map(|&(b, x, y)| (self.prompts[batch[b]].0.as_str(), text(b, x), text(b, y)))
+                    .collect();
+                self.judge.judge_with(&items, &mut |all| {
+                    let ids = all
+                        .iter()
+                        .map(|(x, a, b)| self.judge.encode(&self.tok, x, a, b, limit))
+                        .collect::<Result<Vec<_>>>()?;
+                    prompt_tokens += ids.iter().map(Vec::len).sum::<usize>();
+                    self.judge.p_ab(judge_model, &ids)
+                })
+            })?;
+        stats.prompt_tokens += prompt_tokens;
+        Ok(done
+            .into_iter()
+            .map(|d| {
+                stats.judgements += d.used.len();
+                stats.position_biased += d.used.iter().filter(|j| j.position_biased()).count();
+                stats.abs_margin_sum +=
+                    d.used.iter().map(|j| (j.strength - 0.5).abs()).sum::<f64>();
+                d.pairs
+            })
+            .collect())
     }
 
     /// πref's greedy response per prompt (the "given" baseline of ranked pairing).

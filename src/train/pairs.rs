@@ -202,6 +202,48 @@ pub fn response_logps(model: &Llama, seqs: &[(&[u32], &[u32])]) -> Result<Tensor
     model.sequence_logps(&ids, &masks)
 }
 
+/// `response_logps` in batches of at most `bucket` sequences of similar length (sorted by
+/// length), so that a batch is padded to its own longest sequence rather than the longest of
+/// all; the result [n] is in the order of `seqs`, with the graph when the model has one.
+pub fn bucketed_response_logps(
+    model: &Llama,
+    seqs: &[(&[u32], &[u32])],
+    bucket: usize,
+) -> Result<Tensor> {
+    if seqs.len() <= bucket {
+        return response_logps(model, seqs);
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].0.len() + seqs[i].1.len());
+    let parts = order
+        .chunks(bucket.max(1))
+        .map(|c| response_logps(model, &c.iter().map(|&i| seqs[i]).collect::<Vec<_>>()))
+        .collect::<Result<Vec<_>>>()?;
+    let sorted = Tensor::cat(&parts, 0)?;
+    // Position of each sequence in the sorted result.
+    let mut at = vec![0u32; seqs.len()];
+    for (r, &i) in order.iter().enumerate() {
+        at[i] = r as u32;
+    }
+    let at = Tensor::from_vec(at, seqs.len(), sorted.device())?;
+    Ok(sorted.index_select(&at, 0)?)
+}
+
+/// Summed response log-probabilities without a graph (πref, evaluation, metrics): on the
+/// inference engine where it runs (unpadded batches, the LM head only at response tokens, in
+/// chunks of rows), else through `response_logps`, detached.
+pub fn frozen_response_logps(model: &Llama, seqs: &[(&[u32], &[u32])]) -> Result<Vec<f32>> {
+    if seqs.is_empty() {
+        bail!("no sequences");
+    }
+    if crate::engine::Engine::supports(model) {
+        let (ids, masks): (Vec<_>, Vec<_>) = seqs.iter().map(|(p, r)| join(p, r)).unzip();
+        let engine = crate::engine::Engine::new(model)?;
+        return crate::engine::score::sequence_logps(&engine, &ids, &masks);
+    }
+    Ok(response_logps(model, seqs)?.detach().to_vec1()?)
+}
+
 /// Fills every pair's `ref_logps` with πref's log-probabilities, `batch` pairs at a time. πref
 /// is frozen, so these values are the same at every step and epoch; computing them once
 /// removes a forward pass of the reference model from every training step.
