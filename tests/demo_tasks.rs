@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 use osp::demo::tasks::{
     all_tasks, all_vocabulary, build_task_data, human_preferences, normalize, task_by_name, words,
     Dialogue, Summarize, Task, TaskSizes, FILLERS, JUDGE_ANSWER_A, JUDGE_ANSWER_B, JUDGE_TEMPLATE,
-    OOD_OBJECTS, REFUSAL, SEEN_TOPICS, UNSEEN_TOPICS,
+    OOD_OBJECTS, REFUSAL, SCORE_ANSWERS, SCORE_TEMPLATE, SEEN_TOPICS, UNSEEN_TOPICS,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -286,6 +286,14 @@ fn vocabulary_covers_everything() {
         .filter(|w| !w.starts_with('{'))
         .map(String::from)
         .chain([JUDGE_ANSWER_A.trim().into(), JUDGE_ANSWER_B.trim().into()])
+        // the self-rewarding baseline's pointwise judge prompt and its five score answers
+        .chain(
+            SCORE_TEMPLATE
+                .split_whitespace()
+                .filter(|w| !w.starts_with('{'))
+                .map(String::from),
+        )
+        .chain(SCORE_ANSWERS.iter().map(|a| a.trim().to_string()))
         .collect();
     for task in all_tasks() {
         let task = task.as_ref();
@@ -484,6 +492,41 @@ fn print_examples() {
                 eprintln!("  flaw  {:.3}: {d}", task.reward(&p, &d));
             }
             assert_eq!(task.reward(&p, &ideal), 1.0);
+        }
+    }
+}
+
+#[test]
+fn score_answers_are_single_tokens_and_come_last() {
+    use osp::demo::tasks::SCORE_WORDS;
+    for task in all_tasks() {
+        let vocab = task.vocabulary();
+        let tmp = tempfile::tempdir().unwrap();
+        osp::demo::wordlevel::write_tokenizer(tmp.path(), &vocab).unwrap();
+        let tok = osp::tokenizer::Tokenizer::from_hf_dir(tmp.path()).unwrap();
+        let cfg = osp::self_reward::SelfRewardConfig {
+            template: SCORE_TEMPLATE.into(),
+            answers: SCORE_ANSWERS.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        // refuses answers that are not one token each, or a template without placeholders
+        osp::self_reward::SelfJudge::new(cfg, &tok)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", task.name()));
+        // The score words the task lacked come last, so adding them kept every other id;
+        // dialogue had the numbers already (its vocabulary did not change).
+        let tail = vocab.len()
+            - vocab
+                .iter()
+                .rev()
+                .take_while(|w| SCORE_WORDS.contains(&w.as_str()))
+                .count();
+        for w in SCORE_WORDS {
+            let at = vocab.iter().position(|v| v == w).unwrap();
+            assert!(
+                at >= tail || task.name() == "dialogue",
+                "{}: score word {w} at {at}, inside the task's own words",
+                task.name()
+            );
         }
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 /// The methods compared by default, with their summary keys.
-pub const METHODS: [(&str, Option<Method>); 7] = [
+pub const METHODS: [(&str, Option<Method>); 9] = [
     ("sft", None),
     ("dpo", Some(Method::Dpo)),
     ("ipo", Some(Method::Ipo)),
@@ -14,10 +14,14 @@ pub const METHODS: [(&str, Option<Method>); 7] = [
     ("osp", Some(Method::Osp)),
     ("osp_hard", Some(Method::OspHard)),
     ("osp_random_pairs", Some(Method::OspRandomPairs)),
+    // The paper's baselines: RLHF (a reward model on the seed pairs, then PPO) and
+    // self-rewarding (a pointwise judge taught on the seed pairs).
+    ("ppo", Some(Method::Ppo)),
+    ("self_rewarding", Some(Method::SelfRewarding)),
 ];
 
 /// Every method the demo can run (`methods` in the budget).
-pub const ALL_METHODS: [(&str, Option<Method>); 9] = [
+pub const ALL_METHODS: [(&str, Option<Method>); 11] = [
     METHODS[0],
     METHODS[1],
     METHODS[2],
@@ -25,6 +29,8 @@ pub const ALL_METHODS: [(&str, Option<Method>); 9] = [
     METHODS[4],
     METHODS[5],
     METHODS[6],
+    METHODS[7],
+    METHODS[8],
     ("cdpo", Some(Method::Cdpo)),
     ("spce_offline", Some(Method::SpceOffline)),
 ];
@@ -45,7 +51,7 @@ pub fn method_by_key(key: &str) -> Result<Option<Method>> {
 }
 
 /// The paper's comparisons, as (claim, better method, worse method, metric).
-pub const CLAIMS: [(&str, &str, &str, &str); 6] = [
+pub const CLAIMS: [(&str, &str, &str, &str); 9] = [
     ("OSP beats SFT", "osp", "sft", "oracle_reward"),
     ("OSP beats DPO", "osp", "dpo", "win_rate_vs_sft"),
     (
@@ -67,6 +73,20 @@ pub const CLAIMS: [(&str, &str, &str, &str); 6] = [
         "win_rate_vs_sft",
     ),
     ("OSP beats IPO", "osp", "ipo", "win_rate_vs_sft"),
+    // The paper's headline: OSP against RLHF with limited data (the seed), and out of domain.
+    ("OSP beats RLHF", "osp", "ppo", "win_rate_vs_sft"),
+    (
+        "OSP beats RLHF out of domain",
+        "osp",
+        "ppo",
+        "ood_win_rate_vs_sft",
+    ),
+    (
+        "OSP beats self-rewarding",
+        "osp",
+        "self_rewarding",
+        "win_rate_vs_sft",
+    ),
 ];
 
 /// Each claim on one task's results (`summary.json`'s `tasks.<task>`): whether it held, by

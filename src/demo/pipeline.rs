@@ -13,7 +13,7 @@ use super::evaluate::{
 use super::methods::{default_methods, method_by_key};
 use super::tasks::{
     all_tasks, build_task_data, Task, TaskData, TaskSizes, HUMAN_TEMPERATURE, JUDGE_ANSWER_A,
-    JUDGE_ANSWER_B, JUDGE_TEMPLATE,
+    JUDGE_ANSWER_B, JUDGE_TEMPLATE, SCORE_ANSWERS, SCORE_TEMPLATE,
 };
 use super::wordlevel::write_tokenizer;
 use crate::eval::{mean_std, win_rate};
@@ -91,6 +91,15 @@ pub struct DemoBudget {
     pub collapse_lr_factor: f64,
     /// Study (empty = off): DPO and offline SPCE on the seed pairs for `method_steps` × each.
     pub epoch_multipliers: Vec<usize>,
+    /// RLHF baseline (`ppo`): steps training its reward model on the seed pairs (from πref,
+    /// every weight when `pa_full`, `pa_batch` pairs a step at `pa_lr`).
+    pub rm_steps: usize,
+    /// Self-rewarding baseline: steps teaching its pointwise judge on the seed pairs (from πref,
+    /// as `rm_steps`, with `pa_sft_mix` of each batch SFT examples).
+    pub sr_judge_steps: usize,
+    /// Self-rewarding baseline: iterations M1 → M2 → … within `method_steps` (πref renewed at
+    /// each).
+    pub sr_iterations: usize,
 }
 
 impl DemoBudget {
@@ -126,6 +135,9 @@ impl DemoBudget {
             methods: default_methods(),
             collapse_lr_factor: 0.0,
             epoch_multipliers: vec![],
+            rm_steps: 100,
+            sr_judge_steps: 100,
+            sr_iterations: 2,
         };
         if !quick {
             return default;
@@ -148,6 +160,8 @@ impl DemoBudget {
             ood_prompts: 32,
             curve_prompts: 24,
             eval_every: 5,
+            rm_steps: 60,
+            sr_judge_steps: 60,
             ..default
         }
     }
@@ -174,6 +188,9 @@ impl DemoBudget {
             ("ood_prompts", self.ood_prompts),
             ("curve_prompts", self.curve_prompts),
             ("eval_every", self.eval_every),
+            ("rm_steps", self.rm_steps),
+            ("sr_judge_steps", self.sr_judge_steps),
+            ("sr_iterations", self.sr_iterations),
         ] {
             if v == 0 {
                 bail!("demo budget: {name} must be at least 1");
@@ -236,6 +253,13 @@ impl DemoBudget {
         }
         if let Some(&m) = self.epoch_multipliers.iter().find(|&&m| m == 0) {
             bail!("demo budget: epoch_multipliers must all be at least 1, got {m}");
+        }
+        if self.sr_iterations > self.method_steps {
+            bail!(
+                "demo budget: sr_iterations = {} exceeds method_steps = {} (each self-rewarding iteration needs a step)",
+                self.sr_iterations,
+                self.method_steps
+            );
         }
         if self.methods.is_empty() {
             bail!("demo budget: methods is empty: nothing would be compared");
@@ -440,6 +464,12 @@ struct TaskCtx<'a> {
     judge: Judge,
     judge_before: JudgeSummary,
     judge_after: JudgeSummary,
+    /// Held-out human pairs oriented by the oracle: the OSP judge's test, and the baselines'.
+    judge_eval: Vec<crate::data::PreferencePair>,
+    /// The same pairs as a file (the reward model's held-out set).
+    judge_eval_file: PathBuf,
+    /// The baselines' own judges on `judge_eval` (summary.json's `baseline_judges`).
+    baseline_judges: std::cell::RefCell<Map<String, Value>>,
     seed: u64,
 }
 
@@ -576,6 +606,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
     let mut references = Map::new();
     let mut studies = Map::new();
     let mut claims = Map::new();
+    let mut baseline_judges = Map::new();
     for task in tasks {
         let name = task.name();
         let dir = opts.out.join(name);
@@ -682,6 +713,13 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             })
             .collect();
         let judge_eval = oracle_pairs(task.as_ref(), &held, HUMAN_TEMPERATURE);
+        let judge_eval_file = dir.join("human_heldout_oracle.jsonl");
+        write_jsonl(
+            &judge_eval_file,
+            judge_eval.iter().map(|p| {
+                json!({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "strength": p.strength})
+            }),
+        )?;
         let sft = load_model(&sft_dir, None, &candle_core::Device::Cpu, Trainable::None)?;
         let tok = sft.tokenizer.clone();
         let judge = Judge::new(judge_config(), &tok)?;
@@ -750,6 +788,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             curve,
             judge_before,
             judge_after,
+            judge_eval,
+            judge_eval_file,
+            baseline_judges: Default::default(),
             seed: opts.seed,
         };
         lap("reference_samples", &mut clock);
@@ -780,6 +821,10 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             lap(&format!("method_{key}"), &mut clock);
         }
         let study = run_studies(&ctx, &results, &dir, start, seed_n)?;
+        let judges = ctx.baseline_judges.take();
+        if !judges.is_empty() {
+            baseline_judges.insert(name.to_string(), Value::Object(judges));
+        }
         claims.insert(name.to_string(), super::methods::claims(&results));
         tasks_out.insert(name.to_string(), Value::Object(results));
         if !study.is_empty() {
@@ -797,6 +842,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         "reference": references,
         "studies": studies,
         "claims": claims,
+        "baseline_judges": baseline_judges,
         "tasks": tasks_out,
     });
     crate::io::save_json(&opts.out.join("summary.json"), &summary)?;
@@ -817,10 +863,15 @@ fn train_method(
     start: (f64, f64),
     strength_by_rank: &mut Map<String, Value>,
 ) -> Result<(Llama, Vec<CurvePoint>)> {
+    if method == Method::Ppo {
+        return train_ppo(ctx, b, out, start);
+    }
     let seed = ctx.seed;
     let online = method.is_online();
     let batch = match method {
         Method::OnlineDpo => b.pairs_per_step(), // one pair per prompt
+        // One pair per prompt too, but the same prompts and samples as OSP (fewer pairs).
+        Method::SelfRewarding => b.prompts_per_step,
         m if m.is_online() => b.prompts_per_step,
         _ => b.pairs_per_step(),
     };
@@ -849,6 +900,11 @@ fn train_method(
     cfg.loss.beta = b.beta;
     if method == Method::Cdpo {
         cfg.loss.label_smoothing = 0.1;
+    }
+    if method == Method::SelfRewarding {
+        cfg.model = teach_pointwise_judge(ctx, b, &out.join("pointwise_judge"))?;
+        cfg.self_reward = score_config();
+        cfg.self_rewarding.iterations = b.sr_iterations;
     }
     cfg.pairing.k = b.k;
     cfg.sampling.max_new_tokens = b.max_new_tokens;
@@ -886,6 +942,225 @@ fn train_method(
         last.context("the offline run never evaluated")?
     };
     Ok((policy, curve))
+}
+
+/// The self-rewarding judge of the demo: the tasks' word-level score prompt and answers.
+fn score_config() -> crate::self_reward::SelfRewardConfig {
+    crate::self_reward::SelfRewardConfig {
+        template: SCORE_TEMPLATE.to_string(),
+        answers: SCORE_ANSWERS.iter().map(|a| a.to_string()).collect(),
+        batch_size: 32,
+        ..Default::default()
+    }
+}
+
+/// The baselines' judges train from πref as augmentation trained the OSP judge from SFT:
+/// every weight (or LoRA, without `pa_full`), `pa_batch` examples a step at `pa_lr`.
+fn judge_start(ctx: &TaskCtx) -> ModelSection {
+    ModelSection {
+        train: if ctx.b.pa_full {
+            TrainMode::Full
+        } else {
+            TrainMode::Lora
+        },
+        ..ctx.start_model.clone()
+    }
+}
+
+/// Teaches πref the self-rewarding pointwise judge on the seed pairs (`judge-train`
+/// `data.mode = "pointwise"`, with SFT mixed in as augmentation does); records its accuracy on
+/// the held-out oracle-oriented pairs and returns the model the method starts from.
+fn teach_pointwise_judge(ctx: &TaskCtx, b: &DemoBudget, out: &Path) -> Result<ModelSection> {
+    eprintln!(
+        "   pointwise judge on the seed pairs ({} steps)",
+        b.sr_judge_steps
+    );
+    let cfg = JudgeTrainConfig {
+        model: judge_start(ctx),
+        lora: b.lora(),
+        optim: OptimConfig {
+            lr: b.pa_lr,
+            ..Default::default()
+        },
+        train: train_section(out, b.sr_judge_steps, b.pa_batch, ctx.seed, 0),
+        judge: judge_config(),
+        self_reward: score_config(),
+        data: JudgeTrainData {
+            preferences: ctx.files.seed_prefs.clone(),
+            sft: Some(ctx.files.sft.clone()),
+            sft_mix: b.pa_sft_mix,
+            eval_fraction: 0.0,
+            mode: crate::train::judge_train::JudgeMode::Pointwise,
+            ..Default::default()
+        },
+    };
+    let taught = run_judge_train(&cfg, false, None)?;
+    // A LoRA judge is an adapter on πref, which itself may be SFT + an adapter: merge πref's
+    // first (load_policy does), so that the method's start is one base and one adapter.
+    let start = if b.pa_full {
+        ModelSection {
+            path: taught.output.clone(),
+            ..Default::default()
+        }
+    } else {
+        let merged = out.join("start_merged");
+        let lm =
+            crate::train::policy::load_policy(&ctx.start_model, &LoraConfig::default(), 0, true)?;
+        crate::model::export::save_hf_model(
+            &lm.model.without_adapter(),
+            &lm.tokenizer,
+            Some(&ctx.start_model.path),
+            &merged,
+        )?;
+        ModelSection {
+            path: merged,
+            adapter: Some(taught.output.clone()),
+            ..Default::default()
+        }
+    };
+    let model = crate::train::policy::load_policy(&start, &LoraConfig::default(), 0, true)?
+        .model
+        .without_adapter();
+    let judge = crate::self_reward::SelfJudge::new(score_config(), &ctx.tok)?;
+    let limit = model.cfg.max_position_embeddings;
+    let items: Vec<(&str, &str)> = ctx
+        .judge_eval
+        .iter()
+        .flat_map(|p| {
+            [
+                (p.prompt.as_str(), p.chosen.as_str()),
+                (p.prompt.as_str(), p.rejected.as_str()),
+            ]
+        })
+        .collect();
+    let scores = judge.score_with(&items, &mut |chunk| {
+        let ids = chunk
+            .iter()
+            .map(|(x, y)| judge.encode(&ctx.tok, x, y, limit))
+            .collect::<Result<Vec<_>>>()?;
+        judge.answer_logits(&model, &ids)
+    })?;
+    let right: Vec<f64> = scores
+        .chunks(2)
+        .map(|c| match c[0].expected.partial_cmp(&c[1].expected) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        })
+        .collect();
+    let (accuracy, se) = win_rate(&right);
+    let mean = |k: usize| {
+        mean_std(
+            &scores
+                .iter()
+                .skip(k)
+                .step_by(2)
+                .map(|s| s.expected)
+                .collect::<Vec<_>>(),
+        )
+        .0
+    };
+    eprintln!("   pointwise judge accuracy vs oracle: {accuracy:.3} ± {se:.3}");
+    ctx.baseline_judges.borrow_mut().insert(
+        "self_rewarding_judge".into(),
+        json!({"heldout_accuracy": accuracy, "heldout_accuracy_se": se, "pairs": right.len(),
+               "mean_score_better": mean(0), "mean_score_worse": mean(1),
+               "steps": b.sr_judge_steps}),
+    );
+    Ok(start)
+}
+
+/// RLHF: a reward model trained from πref on the seed pairs (Bradley–Terry, `osp rm-train`),
+/// then PPO from πref against it with fresh LoRA adapters. Equal budget with the online
+/// methods: `prompts_per_step` prompts and K samples a rollout, and one PPO epoch over one
+/// mini-batch, so each rollout is one optimiser step on the same samples OSP gets.
+fn train_ppo(
+    ctx: &TaskCtx,
+    b: &DemoBudget,
+    out: &Path,
+    start: (f64, f64),
+) -> Result<(Llama, Vec<CurvePoint>)> {
+    use crate::reward::train::{run_rm_train, RmData, RmTrainConfig};
+    eprintln!("   reward model on the seed pairs ({} steps)", b.rm_steps);
+    let rm_cfg = RmTrainConfig {
+        model: judge_start(ctx),
+        lora: b.lora(),
+        optim: OptimConfig {
+            lr: b.pa_lr,
+            ..Default::default()
+        },
+        train: train_section(
+            &out.join("reward_model"),
+            b.rm_steps,
+            b.pa_batch,
+            ctx.seed,
+            0,
+        ),
+        reward: Default::default(),
+        data: RmData {
+            preferences: ctx.files.seed_prefs.clone(),
+            eval: Some(ctx.judge_eval_file.clone()),
+            eval_fraction: 0.0,
+            ..Default::default()
+        },
+    };
+    let rm = run_rm_train(&rm_cfg, false, None)?;
+    let stats = |e: Option<crate::reward::train::RmEval>| {
+        e.map(|e| json!({"accuracy": e.stats.accuracy, "margin": e.stats.margin, "pairs": e.pairs}))
+    };
+    if let Some(a) = rm.after {
+        eprintln!(
+            "   reward model accuracy vs oracle: {:.3} on {} held-out pairs",
+            a.stats.accuracy, a.pairs
+        );
+    }
+    ctx.baseline_judges.borrow_mut().insert(
+        "reward_model".into(),
+        json!({"before": stats(rm.before), "after": stats(rm.after), "steps": b.rm_steps}),
+    );
+    let mut cfg = TrainConfig {
+        method: Method::Ppo,
+        model: ctx.start_model.clone(),
+        lora: b.lora(),
+        optim: OptimConfig {
+            lr: b.method_lr,
+            schedule: crate::train::optim::Schedule::Constant,
+            ..Default::default()
+        },
+        train: train_section(
+            out,
+            b.method_steps,
+            b.prompts_per_step,
+            ctx.seed,
+            b.eval_every,
+        ),
+        data: PrefData {
+            prompts: Some(ctx.files.prompts.clone()),
+            eval_fraction: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cfg.pairing.k = b.k;
+    cfg.sampling.max_new_tokens = b.max_new_tokens;
+    cfg.ppo.num_ppo_epochs = 1;
+    cfg.ppo.num_mini_batches = 1;
+    cfg.ppo.reward_model = Some(rm.output.clone());
+    cfg.resolve()?;
+    let mut run = crate::train::ppo::PpoRun::new(&cfg, false)?;
+    let mut curve = vec![(0, start.0, start.1)];
+    let mut last = 0;
+    run.run_with(None, |r| {
+        let step = r.trainer.step();
+        let crossed = step / b.eval_every != last / b.eval_every;
+        if step > last && (crossed || step == b.method_steps) {
+            let (w, l) = ctx.curve_point(&r.trainer.model)?;
+            curve.push((step, w, l));
+        }
+        last = step;
+        Ok(())
+    })?;
+    Ok((run.trainer.model.clone(), curve))
 }
 
 /// The budget's studies on one task (empty when none is on):

@@ -59,6 +59,7 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
          also continues SFT on a quarter of each batch); a method's gain over this row is what its own \
          training bought.\n"
     )?;
+    write_baseline_notes(summary, &mut md)?;
     let tasks = summary["tasks"].as_object().cloned().unwrap_or_default();
     for (task, methods) in &tasks {
         writeln!(md, "## Task `{task}`\n")?;
@@ -191,6 +192,68 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
         }
     }
     crate::io::atomic_write(&out.join("report.md"), md.as_bytes())
+}
+
+/// How the two baselines of the paper (RLHF and self-rewarding) were given their budgets, and
+/// where those budgets cannot equal OSP's; only when either ran.
+fn write_baseline_notes(summary: &Value, md: &mut String) -> Result<()> {
+    let ran = |m: &str| {
+        summary["tasks"]
+            .as_object()
+            .is_some_and(|t| t.values().any(|r| r.get(m).is_some()))
+    };
+    if !ran("ppo") && !ran("self_rewarding") {
+        return Ok(());
+    }
+    let c = &summary["config"];
+    writeln!(
+        md,
+        "## Baselines and their budgets
+"
+    )?;
+    if ran("ppo") {
+        writeln!(
+            md,
+            "- **ppo** (RLHF): a reward model (scalar head, Bradley–Terry) trained from πref on the same \
+             seed pairs the OSP judge was taught on, for {} steps of {} pairs; then PPO from πref with \
+             fresh LoRA adapters, {} prompts × {} samples a rollout and one PPO epoch over one mini-batch, \
+             so every rollout is one optimiser step on the same number of samples and prompts as OSP. \
+             Not equal: PPO's training signal is per-token advantages rather than pairs, its KL penalty \
+             is PPO's own (kl_coef 0.05 per token, TRL's default, not DPO's β), it trains a value head \
+             besides the adapters, and its reward model's {} extra steps are a second judge the OSP \
+             run does not get.",
+            c["rm_steps"], c["pa_batch"], c["prompts_per_step"], c["k"], c["rm_steps"]
+        )?;
+    }
+    if ran("self_rewarding") {
+        writeln!(
+            md,
+            "- **self_rewarding**: πref taught to score one response on a 5-point scale (`judge-train` \
+             pointwise: each seed pair gives the better response a high target score and the worse a \
+             low one) for {} steps, then {} iterations M1 → M2 … within the same optimiser steps, {} \
+             prompts × {} samples a step (OSP's), the best and worst sample of a prompt paired when their \
+             scores differ. Not equal: one pair per prompt (OSP gets {} per prompt), and its pointwise \
+             judge's extra steps; πref (the KL column's) is the shared one, not its own start.",
+            c["sr_judge_steps"], c["sr_iterations"], c["prompts_per_step"], c["k"],
+            c["k"].as_u64().map(|k| (k.saturating_sub(1)) / 2).unwrap_or(0)
+        )?;
+    }
+    if let Some(j) = summary["baseline_judges"].as_object() {
+        for (task, v) in j {
+            writeln!(
+                md,
+                "- `{task}`: reward model accuracy on the held-out pairs (oriented by the oracle) {}; \
+                 pointwise judge accuracy {} (ties ½).",
+                f3(num(&v["reward_model"]["after"], "accuracy")),
+                fmt_mean_err(
+                    num(&v["self_rewarding_judge"], "heldout_accuracy"),
+                    num(&v["self_rewarding_judge"], "heldout_accuracy_se")
+                ),
+            )?;
+        }
+    }
+    md.push('\n');
+    Ok(())
 }
 
 /// The paper's claims on one task, as this run measured them.

@@ -84,6 +84,17 @@ pub const JUDGE_WORDS: &[&str] = &[
     "which", "response", "is", "better", "?", "prompt", ":", "a", "b", "the",
 ];
 
+/// The self-rewarding baseline's pointwise judge prompt (`self_reward.template`): words of
+/// [`JUDGE_WORDS`] only; it ends where the score word comes.
+pub const SCORE_TEMPLATE: &str = "prompt : {prompt} response : {response} the response is";
+/// The self-rewarding judge's answers for scores 1 … 5 (`self_reward.answers`), one
+/// word-level token each.
+pub const SCORE_ANSWERS: [&str; 5] = [" 1", " 2", " 3", " 4", " 5"];
+/// Words of the score answers; last in every task's vocabulary, so that adding them left the
+/// other words' ids as they were (dialogue already had the numbers, so its vocabulary did not
+/// change at all).
+pub const SCORE_WORDS: &[&str] = &["1", "2", "3", "4", "5"];
+
 /// Summarize: topic (key) words of in-domain posts.
 pub const SEEN_TOPICS: &[&str] = &[
     "rent", "job", "dog", "exam", "car", "loan", "wedding", "boss", "roommate", "diet", "move",
@@ -426,6 +437,7 @@ impl Task for Summarize {
             UNSEEN_TOPICS,
             FILLERS,
             JUDGE_WORDS,
+            SCORE_WORDS,
         ])
     }
 }
@@ -705,6 +717,7 @@ impl Task for Dialogue {
             OBJECTS,
             OOD_OBJECTS,
             JUDGE_WORDS,
+            SCORE_WORDS,
         ])
     }
 }

@@ -144,6 +144,17 @@ impl PpoRun {
     /// boundary), evaluating and checkpointing as configured; saves the policy and the value
     /// head at the end. Returns the policy's folder, or None when stopped early.
     pub fn run(&mut self, stop_after: Option<usize>) -> Result<Option<PathBuf>> {
+        self.run_with(stop_after, |_| Ok(()))
+    }
+
+    /// [`Self::run`], calling `after_rollout` after each rollout's updates (and before its
+    /// evaluation and checkpoint), as `OnlineRun::run` does after each step: the demo draws its
+    /// learning curves there.
+    pub fn run_with(
+        &mut self,
+        stop_after: Option<usize>,
+        mut after_rollout: impl FnMut(&Self) -> Result<()>,
+    ) -> Result<Option<PathBuf>> {
         while !self.trainer.done() {
             if self
                 .trainer
@@ -153,6 +164,7 @@ impl PpoRun {
             }
             let before = self.trainer.step();
             self.rollout_and_update()?;
+            after_rollout(self)?;
             let after = self.trainer.step();
             let crossed = |every: usize| every > 0 && before / every != after / every;
             let done = self.trainer.done();
