@@ -811,14 +811,7 @@ fn cmd_compare(a: CompareArgs) -> Result<()> {
         .max(1);
     let mut prompts = Vec::with_capacity(n);
     for r in records.into_iter().take(n) {
-        let mut ids = tok.encode(&r.prompt, tok.bos_id().is_some())?;
-        if ids.len() > room {
-            // Keep the end of a long prompt, where the request is (as osp train does).
-            ids.drain(..ids.len() - room);
-            if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
-                *first = bos;
-            }
-        }
+        let ids = osp::train::online::encode_prompt(tok, &r.prompt, room)?;
         prompts.push((r.prompt, ids));
     }
     let judge = osp::judge::Judge::new(sets.judge, tok)?;

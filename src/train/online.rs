@@ -181,25 +181,7 @@ impl OnlineRun {
             JudgeModel::Initial => Some(inference_model(&reference)?.into_owned()),
             JudgeModel::Current => None,
         };
-        let texts = load_prompt_texts(cfg, &tok)?;
-        let limit = cfg
-            .train
-            .max_len
-            .saturating_sub(cfg.sampling.max_new_tokens)
-            .max(1);
-        let mut encoded = Vec::with_capacity(texts.len());
-        for t in texts {
-            let mut ids = tok.encode(&t, tok.bos_id().is_some())?;
-            if ids.len() > limit {
-                // Keep the end of a long prompt, where the request is.
-                let cut = ids.len() - limit;
-                ids.drain(..cut);
-                if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
-                    *first = bos;
-                }
-            }
-            encoded.push((t, ids));
-        }
+        let encoded = encode_prompts(cfg, &tok)?;
         if let Some(w) = pairing_warning(cfg) {
             eprintln!("warning: {w}");
         }
@@ -689,6 +671,39 @@ pub fn pairing_warning(cfg: &TrainConfig) -> Option<String> {
             k + 1
         )
     })
+}
+
+/// The run's prompts, tokenized: BOS when the tokenizer adds one, long prompts keeping their
+/// end so that `sampling.max_new_tokens` fits in `train.max_len`.
+pub(crate) fn encode_prompts(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+) -> Result<Vec<(String, Vec<u32>)>> {
+    let limit = cfg
+        .train
+        .max_len
+        .saturating_sub(cfg.sampling.max_new_tokens)
+        .max(1);
+    load_prompt_texts(cfg, tok)?
+        .into_iter()
+        .map(|t| {
+            let ids = encode_prompt(tok, &t, limit)?;
+            Ok((t, ids))
+        })
+        .collect()
+}
+
+/// One prompt's token ids, at most `limit` of them: a long prompt keeps its end, where the
+/// request is, and its BOS (when the tokenizer uses one) stays first.
+pub fn encode_prompt(tok: &Tokenizer, text: &str, limit: usize) -> Result<Vec<u32>> {
+    let mut ids = tok.encode(text, tok.bos_id().is_some())?;
+    if ids.len() > limit {
+        ids.drain(..ids.len() - limit);
+        if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
+            *first = bos;
+        }
+    }
+    Ok(ids)
 }
 
 /// A seed per (run seed, step, prompt, sample): resumable and independent of batch layout.

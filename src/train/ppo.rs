@@ -122,7 +122,7 @@ impl PpoRun {
         for (name, var) in head.vars() {
             model.add_var(name, var.clone())?;
         }
-        let encoded = encode_prompts(cfg, &tok)?;
+        let encoded = super::online::encode_prompts(cfg, &tok)?;
         let (prompts, eval_prompts) = split_eval(encoded, cfg.data.eval_fraction, cfg.train.seed);
         ensure!(!prompts.is_empty(), "no training prompts");
         let (trainer, data) = Trainer::start(model, &cfg.optim, &cfg.train, resume, "Ppo", cfg)?;
@@ -473,31 +473,4 @@ fn processed_score(m: &Map<String, Value>) -> f64 {
     m.get("objective/scores")
         .and_then(Value::as_f64)
         .unwrap_or(f64::NAN)
-}
-
-/// The run's prompts, tokenized as the online loop tokenizes them: BOS when the tokenizer has
-/// one, long prompts keeping their end so that `sampling.max_new_tokens` fits in `max_len`.
-pub(crate) fn encode_prompts(
-    cfg: &TrainConfig,
-    tok: &Tokenizer,
-) -> Result<Vec<(String, Vec<u32>)>> {
-    let texts = super::online::load_prompt_texts(cfg, tok)?;
-    let limit = cfg
-        .train
-        .max_len
-        .saturating_sub(cfg.sampling.max_new_tokens)
-        .max(1);
-    let mut encoded = Vec::with_capacity(texts.len());
-    for t in texts {
-        let mut ids = tok.encode(&t, tok.bos_id().is_some())?;
-        if ids.len() > limit {
-            let cut = ids.len() - limit;
-            ids.drain(..cut);
-            if let (Some(bos), Some(first)) = (tok.sequence_bos(), ids.first_mut()) {
-                *first = bos;
-            }
-        }
-        encoded.push((t, ids));
-    }
-    Ok(encoded)
 }
