@@ -26,6 +26,18 @@ step() {
     touch "$R/$name.done"
 }
 
+# resumable NAME OUT CMD...: `step`, with --resume when OUT already holds checkpoints (a run
+# that was stopped part-way continues instead of starting again).
+resumable() {
+    local name=$1 out=$2
+    shift 2
+    if [ -d "$out/checkpoints" ]; then
+        step "$name" "$@" --resume
+    else
+        step "$name" "$@"
+    fi
+}
+
 judge() { # NAME DATA FORMAT [osp judge options]
     local name=$1 data=$2 format=$3
     shift 3
@@ -38,7 +50,7 @@ judge judge-base-helpful $D/hh_judge_eval.jsonl hh --model $G
 judge judge-base-tldr $D/tldr_judge_eval.jsonl tldr --model $G
 
 # 2. Preference augmentation on the 2% seed; the start of every later run is the merged model.
-step judge-train-seed2 "$OSP" judge-train --config configs/real-judge.toml
+resumable judge-train-seed2 $R/judge-seed2 "$OSP" judge-train --config configs/real-judge.toml
 step export-seed2 "$OSP" export --merge --force --model $G \
     --adapter $R/judge-seed2/adapter --out $R/aug-seed2
 judge judge-aug-helpful $D/hh_judge_eval.jsonl hh --model $R/aug-seed2
@@ -51,19 +63,19 @@ compare() { # NAME ADAPTER [options]
     step "$name" "$OSP" compare --model $R/aug-seed2 --adapter "$adapter" \
         --prompts $D/hh_prompts_eval.jsonl "${SAMPLING[@]}" "${CHAT[@]}" --json "$@"
 }
-step train-osp "$OSP" train --config configs/real-osp.toml
+resumable train-osp $R/osp "$OSP" train --config configs/real-osp.toml
 compare compare-osp $R/osp/adapter
-step train-online-dpo "$OSP" train --config configs/real-osp.toml --method online-dpo \
+resumable train-online-dpo $R/online-dpo "$OSP" train --config configs/real-osp.toml --method online-dpo \
     --set train.out=\"$R/online-dpo\" --set pairing.k=2
 compare compare-online-dpo $R/online-dpo/adapter
-step train-dpo "$OSP" train --config configs/real-osp.toml --method dpo \
+resumable train-dpo $R/dpo "$OSP" train --config configs/real-osp.toml --method dpo \
     --set train.out=\"$R/dpo\" --set data.preferences=\"$D/hh_seed2.jsonl\"
 compare compare-dpo $R/dpo/adapter
 judge judge-osp-helpful $D/hh_judge_eval.jsonl hh --model $R/aug-seed2 --adapter $R/osp/adapter
 
 # 4. Self-improvement: OSP from the base model with no human preferences, on TL;DR posts;
 # judged by the frozen base and by the augmented judge.
-step train-self-improve "$OSP" train --config configs/real-self-improve.toml
+resumable train-self-improve $R/self-improve "$OSP" train --config configs/real-self-improve.toml
 TLDR=(--model $G --adapter $R/self-improve/adapter --prompts $D/tldr_prompts_eval.jsonl
     --max-new-tokens 48 --stop $'\n' "${CHAT[@]}" --json)
 step compare-self-base "$OSP" compare "${TLDR[@]}"
@@ -74,7 +86,7 @@ judge judge-base-harmless $D/hh_harmless_eval.jsonl hh --model $G
 judge judge-aug-harmless $D/hh_harmless_eval.jsonl hh --model $R/aug-seed2
 
 # 6. A larger seed (10%).
-step judge-train-seed10 "$OSP" judge-train --config configs/real-judge.toml \
+resumable judge-train-seed10 $R/judge-seed10 "$OSP" judge-train --config configs/real-judge.toml \
     --set data.preferences=\"$D/hh_seed10.jsonl\" --set train.out=\"$R/judge-seed10\" \
     --set train.steps=118 --set train.save_every=20
 step export-seed10 "$OSP" export --merge --force --model $G \
