@@ -9,7 +9,7 @@ use crate::model::Llama;
 use crate::sample::{generate, Generation, Request, SamplingParams};
 use crate::tokenizer::Tokenizer;
 use crate::train::online::sample_seed;
-use crate::train::pairs::response_logps;
+use crate::train::pairs::frozen_response_logps;
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
@@ -75,8 +75,10 @@ pub fn compare(
             .zip(&o)
             .map(|(r, g)| (r.prompt.as_slice(), g.tokens.as_slice()))
             .collect();
-        let lp: Vec<f32> = response_logps(&policy, &seqs)?.to_vec1()?;
-        let lb: Vec<f32> = response_logps(&baseline, &seqs)?.to_vec1()?;
+        // On the engine: the LM head only at response tokens, in chunks (the autograd path
+        // would hold [rows, tokens, vocab] logits: 24 GB for 32 HH prompts at vocab 49,152).
+        let lp = frozen_response_logps(&policy, &seqs)?;
+        let lb = frozen_response_logps(&baseline, &seqs)?;
         kl.extend(lp.iter().zip(&lb).map(|(p, b)| (p - b) as f64));
         theirs.extend(generate(&baseline, tok, &chunk, sampling)?);
         ours.extend(o);
