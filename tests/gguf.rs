@@ -6,7 +6,7 @@ mod common;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{max_abs, shared_data};
+use common::{causal_bias, max_abs, shared_data};
 use osp::model::{init::random_weights, load_model, Llama, ModelConfig, Trainable};
 use osp::sample::{generate, Request, SamplingParams};
 use serde_json::Value as Json;
@@ -46,16 +46,6 @@ fn logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
         .to_vec2()
         .unwrap()
-}
-
-fn causal_bias(n: usize, dev: &Device) -> Tensor {
-    let mut b = vec![0f32; n * n];
-    for i in 0..n {
-        for j in i + 1..n {
-            b[i * n + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_vec(b, (1, 1, n, n), dev).unwrap()
 }
 
 /// Reads the texts the fixture tokenized, from ../shared/data, in the fixture's order.

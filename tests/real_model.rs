@@ -167,14 +167,7 @@ fn smollm_augmentation_then_two_osp_iterations() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let n = ids.len();
-        let mut b = vec![0f32; n * n];
-        for i in 0..n {
-            for j in i + 1..n {
-                b[i * n + j] = f32::NEG_INFINITY;
-            }
-        }
-        let bias = Tensor::from_vec(b, (1, 1, n, n), &dev).unwrap();
+        let bias = common::causal_bias(ids.len(), &dev);
         let h = m.forward_hidden(&x, &pos, &bias, None).unwrap();
         m.logits(&h.squeeze(0).unwrap()).unwrap()
     };

@@ -158,3 +158,14 @@ pub fn tiny_run_files(dir: &std::path::Path, seed: u64) -> RunFiles {
         prompts: write_jsonl(&dir.join("prompts.jsonl"), &prompts),
     }
 }
+
+/// The additive causal mask of one unpadded sequence of `n` tokens, [1, 1, n, n].
+pub fn causal_bias(n: usize, dev: &candle_core::Device) -> candle_core::Tensor {
+    let mut b = vec![0f32; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            b[i * n + j] = f32::NEG_INFINITY;
+        }
+    }
+    candle_core::Tensor::from_vec(b, (1, 1, n, n), dev).unwrap()
+}
