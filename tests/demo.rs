@@ -266,3 +266,59 @@ fn seeds_aggregate_mean_spread_and_claims() {
             < 1e-12
     );
 }
+
+#[test]
+fn seeds_reuse_a_finished_seed_only_when_it_matches() {
+    use osp::demo::{pipeline::DemoBudget, seeds::finished_seed, DemoOptions};
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = DemoOptions {
+        quick: true,
+        out: tmp.path().to_path_buf(),
+        seed: 3,
+        overrides: vec!["method_steps=8".into()],
+        tasks: vec!["dialogue".into()],
+    };
+    assert!(finished_seed(&opts).unwrap().is_none(), "no summary yet");
+    let budget = DemoBudget::new(true)
+        .with_overrides(&opts.overrides)
+        .unwrap();
+    let summary = json!({"seed": 3, "quick": true, "config": budget,
+                         "tasks": {"dialogue": {"osp": {"win_rate_vs_sft": 0.6}}}});
+    std::fs::write(tmp.path().join("summary.json"), summary.to_string()).unwrap();
+    let reused = finished_seed(&opts)
+        .unwrap()
+        .expect("the same run is reused");
+    assert_eq!(reused["tasks"]["dialogue"]["osp"]["win_rate_vs_sft"], 0.6);
+    // Anything that changes the run makes it run again.
+    for changed in [
+        DemoOptions {
+            seed: 4,
+            ..opts.clone()
+        },
+        DemoOptions {
+            quick: false,
+            ..opts.clone()
+        },
+        DemoOptions {
+            overrides: vec!["method_steps=9".into()],
+            ..opts.clone()
+        },
+        DemoOptions {
+            tasks: vec![],
+            ..opts.clone()
+        },
+    ] {
+        assert!(finished_seed(&changed).unwrap().is_none(), "{changed:?}");
+    }
+    // A half-written summary is not an error: the seed runs again.
+    std::fs::write(tmp.path().join("summary.json"), "{\"seed\": 3, \"qu").unwrap();
+    assert!(finished_seed(&opts).unwrap().is_none());
+    // A bad override is still refused, by name.
+    std::fs::write(tmp.path().join("summary.json"), summary.to_string()).unwrap();
+    let bad = DemoOptions {
+        overrides: vec!["no_such_field=1".into()],
+        ..opts
+    };
+    assert!(format!("{:#}", finished_seed(&bad).unwrap_err()).contains("no_such_field"));
+}

@@ -305,6 +305,12 @@ impl DemoBudget {
         Ok(b)
     }
 
+    /// The seed of "human" pairs: augmentation, the reward model and the offline baselines
+    /// learn from these; at least 8.
+    pub fn seed_pairs(&self) -> usize {
+        ((self.human_pairs as f64 * self.seed_fraction).round() as usize).max(8)
+    }
+
     /// The adapters every LoRA stage trains (alpha = 2r).
     pub fn lora(&self) -> LoraConfig {
         LoraConfig {
@@ -616,7 +622,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
             *clock = Instant::now();
         };
         eprintln!("== {name}: data and a fresh model");
-        let seed_n = ((b.human_pairs as f64 * b.seed_fraction).round() as usize).max(8);
+        let seed_n = b.seed_pairs();
         let sizes = TaskSizes {
             sft: b.sft_examples,
             preferences: seed_n + b.eval_prompts,
@@ -836,6 +842,7 @@ pub fn run_demo(opts: &DemoOptions) -> Result<Value> {
         "seed": opts.seed,
         "quick": opts.quick,
         "config": b,
+        "seed_pairs": b.seed_pairs(),
         "stage_seconds": stage_seconds,
         "wall_seconds": start.elapsed().as_secs_f64(),
         "strength_by_rank": strength_by_rank,

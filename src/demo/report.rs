@@ -36,11 +36,16 @@ pub fn write_report(out: &Path, summary: &Value) -> Result<()> {
     writeln!(md, "# osp demo report\n")?;
     writeln!(
         md,
-        "Seed {}, {} budget, {:.0} s in all. Every number below comes from this run; the oracle \
-         (the task's exact reward) is used only to make the \"human\" data and to evaluate.\n",
+        "Seed {}, {} budget, {:.0} s in all, {} \"human\" seed pairs ({:.1}% of {}): augmentation, \
+         the reward model and the offline baselines learn from these. Every number below comes \
+         from this run; the oracle (the task's exact reward) is used only to make the \"human\" \
+         data and to evaluate.\n",
         summary["seed"],
         if quick { "quick" } else { "default" },
-        num(summary, "wall_seconds")
+        num(summary, "wall_seconds"),
+        summary["seed_pairs"],
+        100.0 * num(&summary["config"], "seed_fraction"),
+        summary["config"]["human_pairs"],
     )?;
     writeln!(md, "## What the numbers mean\n")?;
     writeln!(

@@ -3,7 +3,8 @@
 //! comparisons held, in `OUT/seeds.json` and `OUT/seeds.md`. Studies (`--studies`) run on the
 //! first seed only.
 use super::methods::{ALL_METHODS, CLAIMS};
-use super::pipeline::{run_demo, DemoOptions};
+use super::pipeline::{run_demo, DemoBudget, DemoOptions};
+use super::tasks::all_tasks;
 use crate::eval::mean_std;
 use crate::report::markdown_table;
 use anyhow::Result;
@@ -42,12 +43,52 @@ pub fn run_seeds(opts: &DemoOptions, seeds: &[u64]) -> Result<Value> {
                 "epoch_multipliers=[]".into(),
             ]);
         }
-        summaries.push(run_demo(&o)?);
+        match finished_seed(&o)? {
+            Some(s) => {
+                eprintln!(
+                    "   reusing {} (same seed, budget and tasks; delete it to rerun)",
+                    o.out.join("summary.json").display()
+                );
+                summaries.push(s);
+            }
+            None => summaries.push(run_demo(&o)?),
+        }
     }
     let agg = aggregate(seeds, &summaries);
     crate::io::save_json(&opts.out.join("seeds.json"), &agg)?;
     crate::io::atomic_write(&opts.out.join("seeds.md"), seeds_markdown(&agg)?.as_bytes())?;
     Ok(agg)
+}
+
+/// The summary a finished run of exactly this seed left in its folder, if any: same seed,
+/// quick flag, budget (overrides applied) and tasks. A long multi-seed run that stopped, or
+/// one extended by more seeds, then reruns only the seeds it lacks.
+pub fn finished_seed(o: &DemoOptions) -> Result<Option<Value>> {
+    let path = o.out.join("summary.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    // A half-written or foreign file is not an error: the seed simply runs again.
+    let Ok(s) = serde_json::from_str::<Value>(&text) else {
+        return Ok(None);
+    };
+    let budget = DemoBudget::new(o.quick).with_overrides(&o.overrides)?;
+    let mut have: Vec<String> = s["tasks"]
+        .as_object()
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut want: Vec<String> = if o.tasks.is_empty() {
+        all_tasks().iter().map(|t| t.name().to_string()).collect()
+    } else {
+        o.tasks.clone()
+    };
+    have.sort_unstable();
+    want.sort_unstable();
+    let same = s["seed"].as_u64() == Some(o.seed)
+        && s["quick"].as_bool() == Some(o.quick)
+        && s["config"] == serde_json::to_value(&budget)?
+        && have == want;
+    Ok(same.then_some(s))
 }
 
 /// Mean, sample standard deviation, min and max of each metric across seeds, per task and
@@ -100,7 +141,14 @@ pub fn aggregate(seeds: &[u64], summaries: &[Value]) -> Value {
         .iter()
         .filter_map(|s| s["wall_seconds"].as_f64())
         .collect();
-    json!({"seeds": seeds, "wall_seconds": spread(&wall), "tasks": tasks})
+    // Summaries written before `seed_pairs` was recorded have it only through their budget.
+    let seed_pairs = first["seed_pairs"].as_u64().or_else(|| {
+        serde_json::from_value::<DemoBudget>(first["config"].clone())
+            .ok()
+            .map(|b| b.seed_pairs() as u64)
+    });
+    json!({"seeds": seeds, "seed_pairs": seed_pairs, "wall_seconds": spread(&wall),
+           "tasks": tasks})
 }
 
 fn spread(xs: &[f64]) -> Value {
@@ -127,7 +175,9 @@ fn seeds_markdown(agg: &Value) -> Result<String> {
     writeln!(
         md,
         "Mean ± standard deviation across seeds (each seed's own report is in `seed-S/`). \
-         Every seed regenerates the data, the SFT model and the judge.\n"
+         Every seed regenerates the data, the SFT model and the judge, from {} \"human\" seed \
+         pairs.\n",
+        agg["seed_pairs"]
     )?;
     for (task, t) in agg["tasks"].as_object().into_iter().flatten() {
         writeln!(md, "## Task `{task}`\n")?;
