@@ -276,3 +276,44 @@ fn documented_templates_are_exactly_the_defaults() {
         toml::to_string(&JudgeTrainConfig::default()).unwrap()
     );
 }
+
+#[test]
+fn the_loss_backpropagated_in_buckets_gives_the_single_graph_gradient() {
+    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (prefs, prompts) = write_data(tmp.path());
+    let adapter = judge_train(&model, &prefs, &tmp.path().join("pa"));
+    let mut step = vec![];
+    for bucketed in [true, false] {
+        let out = tmp.path().join(format!("osp-{bucketed}"));
+        let cfg = online_config(
+            &model,
+            &adapter,
+            &prompts,
+            &out,
+            Method::Osp,
+            &["train.steps=1", "data.eval_fraction=0.0"],
+        );
+        let mut run = OnlineRun::new(&cfg, false).unwrap();
+        run.backward_in_buckets = bucketed;
+        run.run(None, |_| Ok(())).unwrap();
+        let lines = osp::train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+        let l = lines.iter().find(|l| l.get("loss").is_some()).unwrap();
+        step.push((
+            l["loss"].as_f64().unwrap(),
+            l["grad_norm"].as_f64().unwrap(),
+            l["pairs"].as_f64().unwrap(),
+        ));
+    }
+    let ((l1, g1, p1), (l2, g2, p2)) = (step[0], step[1]);
+    assert_eq!(p1, p2, "the same samples and pairs");
+    assert!(p1 > 0.0);
+    assert!((l1 - l2).abs() < 1e-5, "loss {l1} vs {l2}");
+    assert!(g1 > 0.0);
+    assert!(
+        (g1 - g2).abs() < 1e-3 * g2,
+        "gradient norm {g1} (buckets) vs {g2} (one graph)"
+    );
+}

@@ -4,7 +4,9 @@
 use super::lockstep::lockstep_pairs;
 use super::method::{Method, TrainConfig};
 use super::online_method::{online_method_with, OnlineMethod, OnlinePair};
-use super::pairs::{bucketed_response_logps, frozen_response_logps, load_pairs, reference_for};
+use super::pairs::{
+    bucketed_response_logps, frozen_response_logps, load_pairs, reference_for, response_logps,
+};
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
 use crate::data::{load_prompts, split_eval, ChatRender};
@@ -15,7 +17,7 @@ use crate::model::Llama;
 use crate::pairing::{Baseline, Cand};
 use crate::sample::{generate, Generation, Request, SamplingParams};
 use crate::tokenizer::Tokenizer;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +33,9 @@ const EVAL_SEED_SALT: u64 = 0x0e7a_1000;
 /// Sequences per batch of πθ's log-probabilities with the graph: sorted by length and padded
 /// per batch, so short prompts do not pay for the longest one.
 const GRAPH_BUCKET: usize = 16;
+/// Sequences per graph pass when the loss is backpropagated bucket by bucket: small, since
+/// each sequence's activations for the backward are about 1 GB on a 135M model at 600 tokens.
+const BACKWARD_BUCKET: usize = 2;
 /// Held-out prompts sampled per batch during evaluation.
 const EVAL_CHUNK: usize = 64;
 
@@ -169,6 +174,10 @@ pub struct OnlineRun {
     pub prompts: Vec<(String, Vec<u32>)>,
     pub eval_prompts: Vec<(String, Vec<u32>)>,
     pub cursor: DataCursor,
+    /// Without dropout, backpropagate the loss one bucket of sequences at a time (default;
+    /// bounds memory). False runs every paired sample through one graph: the reference that
+    /// tests hold the bucketed gradient equal to.
+    pub backward_in_buckets: bool,
 }
 
 impl OnlineRun {
@@ -205,6 +214,7 @@ impl OnlineRun {
             prompts,
             eval_prompts,
             cursor,
+            backward_in_buckets: true,
         })
     }
 
@@ -375,19 +385,31 @@ impl OnlineRun {
         let mut row = vec![usize::MAX; seqs.len()];
         graph_idx.iter().enumerate().for_each(|(r, &i)| row[i] = r);
         let pick = |idx: &[usize]| idx.iter().map(|&i| seqs[i]).collect::<Vec<_>>();
-        self.trainer.model.set_training(true);
-        let pol_graph =
-            bucketed_response_logps(&self.trainer.model, &pick(&graph_idx), GRAPH_BUCKET);
-        self.trainer.model.set_training(false);
-        let pol_graph = pol_graph?;
+        // Without dropout, πθ's values come from the engine too, and the loss is
+        // backpropagated one small bucket of sequences at a time (see `backward_in_buckets`):
+        // one graph over every paired sample kept all of their activations alive at once
+        // (19 GB for 16 samples of SmolLM2-135M). With dropout the graph's values differ from
+        // the engine's, so the single graph pass stays.
+        let bucketed =
+            self.backward_in_buckets && !pairs.is_empty() && self.cfg.lora.lora_dropout == 0.0;
+        let (pol_graph, graph_idx, free_idx) = if bucketed {
+            (None, vec![], (0..seqs.len()).collect())
+        } else {
+            self.trainer.model.set_training(true);
+            let g = bucketed_response_logps(&self.trainer.model, &pick(&graph_idx), GRAPH_BUCKET);
+            self.trainer.model.set_training(false);
+            (Some(g?), graph_idx, free_idx)
+        };
         let pol_free = match free_idx.is_empty() {
             true => vec![],
             false => frozen_response_logps(policy, &pick(&free_idx))?,
         };
         log.secs.logprob += t.elapsed().as_secs_f64();
         let mut pol_host = vec![0f32; seqs.len()];
-        for (&i, v) in graph_idx.iter().zip(pol_graph.detach().to_vec1::<f32>()?) {
-            pol_host[i] = v;
+        if let Some(g) = &pol_graph {
+            for (&i, v) in graph_idx.iter().zip(g.detach().to_vec1::<f32>()?) {
+                pol_host[i] = v;
+            }
         }
         for (&i, &v) in free_idx.iter().zip(&pol_free) {
             pol_host[i] = v;
@@ -414,6 +436,7 @@ impl OnlineRun {
         if pairs.is_empty() {
             // Self-rewarding can find no pair (every prompt's samples scored alike): the
             // micro-batch contributes a zero gradient.
+            let pol_graph = pol_graph.context("no graph pass for an empty micro-batch")?;
             let zero = (pol_graph.sum_all()? * 0.0)?;
             self.trainer.accumulate(&zero, 0)?;
             return Ok(());
@@ -426,10 +449,25 @@ impl OnlineRun {
         let (ci, ri) = (idx(|q| q.chosen)?, idx(|q| q.rejected)?);
         let strengths: Vec<f32> = pairs.iter().map(|q| q.strength as f32).collect();
         let strength = Tensor::from_vec(strengths, pairs.len(), &device)?;
-        let (pol_c, pol_r) = (
-            pol_graph.index_select(&ci, 0)?,
-            pol_graph.index_select(&ri, 0)?,
-        );
+        // Bucketed: the log-probabilities enter the loss as leaves, whose gradients then
+        // weight each bucket's graph pass.
+        let host = |f: fn(&OnlinePair) -> usize| -> Result<candle_core::Var> {
+            let v: Vec<f32> = pairs.iter().map(|q| pol_host[f(q)]).collect();
+            Ok(candle_core::Var::from_tensor(&Tensor::from_vec(
+                v,
+                pairs.len(),
+                &device,
+            )?)?)
+        };
+        let leaves = match bucketed {
+            true => Some((host(|q| q.chosen)?, host(|q| q.rejected)?)),
+            false => None,
+        };
+        let (pol_c, pol_r) = match (&leaves, &pol_graph) {
+            (Some((c, r)), _) => (c.as_tensor().clone(), r.as_tensor().clone()),
+            (None, Some(g)) => (g.index_select(&ci, 0)?, g.index_select(&ri, 0)?),
+            (None, None) => anyhow::bail!("online step: no log-probabilities for the loss"),
+        };
         let ref_of = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
             let v: Vec<f32> = pairs.iter().map(|q| ref_host[f(q)]).collect();
             Ok(Tensor::from_vec(v, pairs.len(), &device)?)
@@ -443,12 +481,77 @@ impl OnlineRun {
         };
         let out = preference_loss(&self.cfg.loss, &lp, Some(&strength))?;
         let tokens = seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
-        self.trainer.accumulate(&out.loss, tokens)?;
+        match &leaves {
+            Some((c, r)) => Self::backward_in_buckets(
+                &mut self.trainer,
+                &out.loss,
+                (c, r),
+                &pairs,
+                &seqs,
+                tokens,
+            )?,
+            None => self.trainer.accumulate(&out.loss, tokens)?,
+        }
         log.train_tokens += tokens;
         let mut m = out.metrics.to_json();
         m.insert("loss".into(), json!(out.loss.to_scalar::<f32>()? as f64));
         log.add_loss_metrics(m);
         log.secs.train += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The gradient of `loss` through the paired samples' log-probabilities, one bucket of
+    /// `BACKWARD_BUCKET` sequences at a time: with g_i = ∂loss/∂logp_i taken on the leaves,
+    /// ∂loss/∂θ = Σ_i g_i ∂logp_i/∂θ, so backpropagating Σ_i g_i logp_i bucket by bucket gives
+    /// the same gradient while only one bucket's activations are alive.
+    fn backward_in_buckets(
+        trainer: &mut Trainer,
+        loss: &Tensor,
+        (chosen, rejected): (&candle_core::Var, &candle_core::Var),
+        pairs: &[OnlinePair],
+        seqs: &[(&[u32], &[u32])],
+        tokens: usize,
+    ) -> Result<()> {
+        let value: f32 = loss.to_scalar()?;
+        if !value.is_finite() {
+            // The trainer marks the step non-finite (skip or abort under train.on_nonfinite).
+            return trainer.accumulate(loss, tokens);
+        }
+        let grads = loss.backward()?;
+        let leaf = |v: &candle_core::Var| -> Result<Vec<f32>> {
+            Ok(match grads.get(v.as_tensor()) {
+                Some(g) => g.to_vec1()?,
+                None => vec![0.0; pairs.len()],
+            })
+        };
+        let (gc, gr) = (leaf(chosen)?, leaf(rejected)?);
+        let mut g = vec![0f32; seqs.len()];
+        for (q, (a, b)) in pairs.iter().zip(gc.iter().zip(&gr)) {
+            g[q.chosen] += a;
+            g[q.rejected] += b;
+        }
+        // Buckets of similar length, so that little of each pass is padding.
+        // Every paired sample, even one whose weight is 0 (all strengths ½): the step then
+        // accumulates a zero gradient, as the single graph pass did.
+        let mut paired = vec![false; seqs.len()];
+        for q in pairs {
+            (paired[q.chosen], paired[q.rejected]) = (true, true);
+        }
+        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| paired[i]).collect();
+        order.sort_by_key(|&i| seqs[i].0.len() + seqs[i].1.len());
+        let device = trainer.model.device().clone();
+        let mut first = true;
+        for chunk in order.chunks(BACKWARD_BUCKET) {
+            let part: Vec<(&[u32], &[u32])> = chunk.iter().map(|&i| seqs[i]).collect();
+            trainer.model.set_training(true);
+            let lp = response_logps(&trainer.model, &part);
+            trainer.model.set_training(false);
+            let w: Vec<f32> = chunk.iter().map(|&i| g[i]).collect();
+            let surrogate = (lp? * Tensor::from_vec(w, chunk.len(), &device)?)?.sum_all()?;
+            // The step's tokens are counted once.
+            trainer.accumulate(&surrogate, if first { tokens } else { 0 })?;
+            first = false;
+        }
         Ok(())
     }
 
