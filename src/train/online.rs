@@ -5,7 +5,8 @@ use super::lockstep::lockstep_pairs;
 use super::method::{Method, TrainConfig};
 use super::online_method::{online_method_with, OnlineMethod, OnlinePair};
 use super::pairs::{
-    bucketed_response_logps, frozen_response_logps, load_pairs, reference_for, response_logps,
+    bucketed_response_logps, by_length, frozen_response_logps, load_pairs, reference_for,
+    response_logps,
 };
 use super::policy::{load_policy, save_trained};
 use super::trainer::{DataCursor, Trainer};
@@ -392,17 +393,22 @@ impl OnlineRun {
         // the engine's, so the single graph pass stays.
         let bucketed =
             self.backward_in_buckets && !pairs.is_empty() && self.cfg.lora.lora_dropout == 0.0;
-        let (pol_graph, graph_idx, free_idx) = if bucketed {
-            (None, vec![], (0..seqs.len()).collect())
+        let pol_graph = if bucketed {
+            None
         } else {
             self.trainer.model.set_training(true);
             let g = bucketed_response_logps(&self.trainer.model, &pick(&graph_idx), GRAPH_BUCKET);
             self.trainer.model.set_training(false);
-            (Some(g?), graph_idx, free_idx)
+            Some(g?)
         };
-        let pol_free = match free_idx.is_empty() {
+        // The samples whose πθ values the engine gives: all of them when bucketed.
+        let engine_idx: Vec<usize> = match bucketed {
+            true => (0..seqs.len()).collect(),
+            false => free_idx,
+        };
+        let pol_free = match engine_idx.is_empty() {
             true => vec![],
-            false => frozen_response_logps(policy, &pick(&free_idx))?,
+            false => frozen_response_logps(policy, &pick(&engine_idx))?,
         };
         log.secs.logprob += t.elapsed().as_secs_f64();
         let mut pol_host = vec![0f32; seqs.len()];
@@ -411,7 +417,7 @@ impl OnlineRun {
                 pol_host[i] = v;
             }
         }
-        for (&i, &v) in free_idx.iter().zip(&pol_free) {
+        for (&i, &v) in engine_idx.iter().zip(&pol_free) {
             pol_host[i] = v;
         }
         let bad = (pol_host.iter().chain(&ref_host)).position(|x| !x.is_finite());
@@ -446,7 +452,6 @@ impl OnlineRun {
             let v: Vec<u32> = pairs.iter().map(|q| row[f(q)] as u32).collect();
             Ok(Tensor::from_vec(v, pairs.len(), &device)?)
         };
-        let (ci, ri) = (idx(|q| q.chosen)?, idx(|q| q.rejected)?);
         let strengths: Vec<f32> = pairs.iter().map(|q| q.strength as f32).collect();
         let strength = Tensor::from_vec(strengths, pairs.len(), &device)?;
         // Bucketed: the log-probabilities enter the loss as leaves, whose gradients then
@@ -459,14 +464,16 @@ impl OnlineRun {
                 &device,
             )?)?)
         };
-        let leaves = match bucketed {
-            true => Some((host(|q| q.chosen)?, host(|q| q.rejected)?)),
-            false => None,
-        };
-        let (pol_c, pol_r) = match (&leaves, &pol_graph) {
-            (Some((c, r)), _) => (c.as_tensor().clone(), r.as_tensor().clone()),
-            (None, Some(g)) => (g.index_select(&ci, 0)?, g.index_select(&ri, 0)?),
-            (None, None) => anyhow::bail!("online step: no log-probabilities for the loss"),
+        let (pol_c, pol_r, leaves) = match &pol_graph {
+            Some(g) => (
+                g.index_select(&idx(|q| q.chosen)?, 0)?,
+                g.index_select(&idx(|q| q.rejected)?, 0)?,
+                None,
+            ),
+            None => {
+                let (c, r) = (host(|q| q.chosen)?, host(|q| q.rejected)?);
+                (c.as_tensor().clone(), r.as_tensor().clone(), Some((c, r)))
+            }
         };
         let ref_of = |f: fn(&OnlinePair) -> usize| -> Result<Tensor> {
             let v: Vec<f32> = pairs.iter().map(|q| ref_host[f(q)]).collect();
@@ -488,6 +495,7 @@ impl OnlineRun {
                 (c, r),
                 &pairs,
                 &seqs,
+                &graph_idx,
                 tokens,
             )?,
             None => self.trainer.accumulate(&out.loss, tokens)?,
@@ -510,6 +518,7 @@ impl OnlineRun {
         (chosen, rejected): (&candle_core::Var, &candle_core::Var),
         pairs: &[OnlinePair],
         seqs: &[(&[u32], &[u32])],
+        paired: &[usize],
         tokens: usize,
     ) -> Result<()> {
         let value: f32 = loss.to_scalar()?;
@@ -530,15 +539,10 @@ impl OnlineRun {
             g[q.chosen] += a;
             g[q.rejected] += b;
         }
-        // Buckets of similar length, so that little of each pass is padding.
         // Every paired sample, even one whose weight is 0 (all strengths ½): the step then
-        // accumulates a zero gradient, as the single graph pass did.
-        let mut paired = vec![false; seqs.len()];
-        for q in pairs {
-            (paired[q.chosen], paired[q.rejected]) = (true, true);
-        }
-        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| paired[i]).collect();
-        order.sort_by_key(|&i| seqs[i].0.len() + seqs[i].1.len());
+        // accumulates a zero gradient, as the single graph pass did. Buckets of similar
+        // length, so that little of each pass is padding.
+        let order = by_length(seqs, paired.iter().copied());
         let device = trainer.model.device().clone();
         let mut first = true;
         for chunk in order.chunks(BACKWARD_BUCKET) {

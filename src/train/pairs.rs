@@ -202,6 +202,14 @@ pub fn response_logps(model: &Llama, seqs: &[(&[u32], &[u32])]) -> Result<Tensor
     model.sequence_logps(&ids, &masks)
 }
 
+/// The indices `idx` of `seqs`, shortest (prompt + response) first: consecutive chunks of it
+/// are batches of similar length, padded little.
+pub fn by_length(seqs: &[(&[u32], &[u32])], idx: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut order: Vec<usize> = idx.into_iter().collect();
+    order.sort_by_key(|&i| seqs[i].0.len() + seqs[i].1.len());
+    order
+}
+
 /// `response_logps` in batches of at most `bucket` sequences of similar length (sorted by
 /// length), so that a batch is padded to its own longest sequence rather than the longest of
 /// all; the result [n] is in the order of `seqs`, with the graph when the model has one.
@@ -213,8 +221,7 @@ pub fn bucketed_response_logps(
     if seqs.len() <= bucket {
         return response_logps(model, seqs);
     }
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].0.len() + seqs[i].1.len());
+    let order = by_length(seqs, 0..seqs.len());
     let parts = order
         .chunks(bucket.max(1))
         .map(|c| response_logps(model, &c.iter().map(|&i| seqs[i]).collect::<Vec<_>>()))
