@@ -100,6 +100,30 @@ fn judge_train(model: &Path, prefs: &Path, out: &Path) -> PathBuf {
     out.output
 }
 
+/// stories260K with a judge adapter trained on the test's preferences, and its prompts, in a
+/// fresh folder (None when ../shared/data is absent outside CI).
+struct Fixture {
+    tmp: tempfile::TempDir,
+    model: PathBuf,
+    prefs: PathBuf,
+    prompts: PathBuf,
+    adapter: PathBuf,
+}
+
+fn fixture() -> Option<Fixture> {
+    let model = shared_data("models/stories260K/stories260K.bin")?;
+    let tmp = tempfile::tempdir().unwrap();
+    let (prefs, prompts) = write_data(tmp.path());
+    let adapter = judge_train(&model, &prefs, &tmp.path().join("pa"));
+    Some(Fixture {
+        tmp,
+        model,
+        prefs,
+        prompts,
+        adapter,
+    })
+}
+
 fn online_config(
     model: &Path,
     adapter: &Path,
@@ -165,12 +189,16 @@ fn assert_finite_metrics(run_dir: &Path) -> usize {
 
 #[test]
 fn osp_makes_its_samples_preferred_over_the_reference() {
-    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+    let Some(Fixture {
+        tmp,
+        model,
+        prompts,
+        adapter,
+        ..
+    }) = fixture()
+    else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (prefs, prompts) = write_data(tmp.path());
-    let adapter = judge_train(&model, &prefs, &tmp.path().join("pa"));
     let cfg = online_config(
         &model,
         &adapter,
@@ -198,12 +226,16 @@ fn osp_makes_its_samples_preferred_over_the_reference() {
 
 #[test]
 fn baselines_and_ablations_run_and_log_finite_metrics() {
-    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+    let Some(Fixture {
+        tmp,
+        model,
+        prefs,
+        prompts,
+        adapter,
+    }) = fixture()
+    else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (prefs, prompts) = write_data(tmp.path());
-    let adapter = judge_train(&model, &prefs, &tmp.path().join("pa"));
     for method in [Method::OnlineDpo, Method::OspHard, Method::OspRandomPairs] {
         let out = tmp.path().join(format!("{method:?}"));
         let cfg = online_config(&model, &adapter, &prompts, &out, method, &["train.steps=3"]);
@@ -279,12 +311,16 @@ fn documented_templates_are_exactly_the_defaults() {
 
 #[test]
 fn the_loss_backpropagated_in_buckets_gives_the_single_graph_gradient() {
-    let Some(model) = shared_data("models/stories260K/stories260K.bin") else {
+    let Some(Fixture {
+        tmp,
+        model,
+        prompts,
+        adapter,
+        ..
+    }) = fixture()
+    else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let (prefs, prompts) = write_data(tmp.path());
-    let adapter = judge_train(&model, &prefs, &tmp.path().join("pa"));
     let mut step = vec![];
     for bucketed in [true, false] {
         let out = tmp.path().join(format!("osp-{bucketed}"));
