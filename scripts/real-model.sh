@@ -3,7 +3,8 @@
 # preference augmentation on a 2% seed of HH, OSP against online and offline DPO at the same
 # budget, and self-improvement on TL;DR with no human preferences. Each step writes into
 # runs/real and is skipped when its output exists, so the script resumes where it stopped.
-# Usage: bash scripts/real-model.sh   (OSP=path/to/osp to use another binary)
+# Usage: bash scripts/real-model.sh   (OSP=path/to/osp to use another binary; STEPS="a b" runs
+# only the named steps, in this file's order, e.g. STEPS="judge-train-seed2 export-seed2")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OSP=${OSP:-target/release/osp}
@@ -21,6 +22,9 @@ step() {
     local name=$1
     shift
     [ -f "$R/$name.done" ] && return 0
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
     echo "== $name: $*" >&2
     /usr/bin/time -f "wall %e s, peak RSS %M KB" -o "$R/$name.time" "$@" >"$R/$name.out" 2>"$R/$name.err"
     touch "$R/$name.done"

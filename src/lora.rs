@@ -285,9 +285,14 @@ impl LoraLayer {
         ))
     }
 
+    /// Whether dropout applies to the adapter's input now (rate > 0, in training).
+    pub fn dropout_active(&self) -> bool {
+        self.dropout > 0.0 && self.ctx.training.load(Ordering::Relaxed)
+    }
+
     /// scale · (dropout(x) Aᵀ) Bᵀ for x [rows, in].
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.dropout > 0.0 && self.ctx.training.load(Ordering::Relaxed) {
+        let x = if self.dropout_active() {
             let mask = self.ctx.dropout_mask(x.elem_count(), self.dropout)?;
             (x * Tensor::from_vec(mask, x.shape(), x.device())?)?
         } else {

@@ -196,6 +196,38 @@ fn fused_swiglu_equals_silu_times_up() {
     finite_differences(&xs, &fused, &r);
 }
 
+#[test]
+fn fused_lora_linear_equals_the_composed_layer() {
+    // x [6, 10], W [7, 10] constant, A [3, 10], B [7, 3], scale 1.5; B non-zero so that A
+    // gets a gradient.
+    let w = randn(&[7, 10], 20, 0.5);
+    let xs = [
+        randn(&[6, 10], 21, 1.0),
+        randn(&[3, 10], 22, 0.5),
+        randn(&[7, 3], 23, 0.5),
+    ];
+    let fused = |x: &[Tensor]| fast::lora_linear(&x[0], &w, &x[1], &x[2], 1.5).unwrap();
+    let composed = |x: &[Tensor]| {
+        let base = x[0].matmul(&w.t().unwrap()).unwrap();
+        let delta = x[0]
+            .matmul(&x[1].t().unwrap())
+            .unwrap()
+            .matmul(&x[2].t().unwrap())
+            .unwrap();
+        (base + (delta * 1.5).unwrap()).unwrap()
+    };
+    assert!(rel(&fused(&xs), &composed(&xs)) < 1e-5);
+    let r = randn(&[6, 7], 24, 1.0);
+    for (gf, gc) in grads(&xs, &fused, &r).iter().zip(grads(&xs, &composed, &r)) {
+        assert!(rel(gf, &gc) < 1e-5, "gradients differ by {}", rel(gf, &gc));
+    }
+    finite_differences(&xs, &fused, &r);
+    assert!(
+        fast::lora_linear(&xs[0], &w, &xs[1], &w, 1.0).is_err(),
+        "B of the wrong shape"
+    );
+}
+
 fn fixture_model(name: &str, trainable: Trainable) -> Llama {
     let dir = fixture(name);
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();

@@ -149,23 +149,36 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// `forward`; `fused` lets a LoRA layer on a frozen CPU f32 base run as one op
+    /// (`fast::lora_linear`, same maths) when its dropout is off.
+    fn forward_with(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
-        let y = match &self.weight_t {
-            Some(wt) => x2.matmul(wt)?,
+        let one_op = match &self.lora {
+            Some(l) if fused && self.weight_t.is_none() && !self.weight.is_variable() => {
+                !l.dropout_active() && fast::applies(&self.weight)
+            }
+            _ => false,
+        };
+        let y = match (&self.lora, &self.weight_t) {
+            (Some(l), _) if one_op => fast::lora_linear(&x2, &self.weight, &l.a, &l.b, l.scale)?,
+            (_, Some(wt)) => x2.matmul(wt)?,
             // Constant weights get no gradient computed (candle would compute one anyway).
-            None if !self.weight.is_variable() => frozen_linear(&x2, &self.weight)?,
-            None => x2.matmul(&self.weight.t()?)?,
+            _ if !self.weight.is_variable() => frozen_linear(&x2, &self.weight)?,
+            _ => x2.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let y = match &self.lora {
-            Some(l) => (y + l.delta(&x2)?)?,
-            None => y,
+            Some(l) if !one_op => (y + l.delta(&x2)?)?,
+            _ => y,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
@@ -245,24 +258,24 @@ impl Attention {
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let q = self
             .q_proj
-            .forward(x)?
+            .forward_with(x, fused)?
             .reshape((b, t, h, hd))?
             .transpose(1, 2)?;
         let k = self
             .k_proj
-            .forward(x)?
+            .forward_with(x, fused)?
             .reshape((b, t, kvh, hd))?
             .transpose(1, 2)?;
         let v = self
             .v_proj
-            .forward(x)?
+            .forward_with(x, fused)?
             .reshape((b, t, kvh, hd))?
             .transpose(1, 2)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
         if fused && cache.is_none() {
             let y = fast::attention(&q, &k, &v, bias, 1.0 / (hd as f32).sqrt())?;
-            return self.o_proj.forward(&y.reshape((b, t, h * hd))?);
+            return self.o_proj.forward_with(&y.reshape((b, t, h * hd))?, true);
         }
         let mut v = v.contiguous()?;
         if let Some(cache) = cache {
@@ -297,8 +310,11 @@ pub(crate) struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
         if fused {
-            let y = fast::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-            return self.down_proj.forward(&y);
+            let y = fast::swiglu(
+                &self.gate_proj.forward_with(x, true)?,
+                &self.up_proj.forward_with(x, true)?,
+            )?;
+            return self.down_proj.forward_with(&y, true);
         }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)

@@ -2,10 +2,15 @@
 //!
 //! Each (sequence, kv head) group is one rayon task: the n_rep query heads that share a kv
 //! head read its K and V in place (no repeated copies) and its dK/dV accumulate without locks.
-//! Forward keeps only each query row's softmax max and 1/sum; backward recomputes the row's
-//! probabilities from them instead of storing [T, T] matrices.
-use super::{axpy, dot, slice, values};
+//! Within a task the products are gemm calls over the group's [n_rep·t, T] scores, which
+//! live only while the task runs. Forward keeps only each query row's softmax max and 1/sum;
+//! backward recomputes the probabilities from them instead of storing [T, T] matrices.
+use super::{cols, mm, rows, slice, values};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+
+/// Products inside a rayon task run on its thread.
+const ONE: Parallelism = Parallelism::None;
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -78,15 +83,64 @@ impl Attention {
         (row, any)
     }
 
-    /// Scores s_j = q·k_j·scale + bias_j for the visible keys (others −∞) into `s`.
-    fn scores(&self, d: Dims, qrow: &[f32], kg: &[f32], brow: &[f32], any: bool, s: &mut [f32]) {
-        for j in 0..d.tk {
-            s[j] = if !any || brow[j] > HIDDEN {
-                dot(qrow, &kg[j * d.hd..(j + 1) * d.hd]) * self.scale + brow[j]
-            } else {
-                f32::NEG_INFINITY
+    /// The group's probabilities [n_rep·t, T] for its queries qg [n_rep·t, hd] and keys
+    /// kg [T, hd]: softmax over the keys a row's bias does not hide (over all keys, as the
+    /// composed softmax does, for a row that hides every key). With `stats` given, rows are
+    /// normalised by the saved (max, 1/sum); otherwise the row stats are computed and returned.
+    fn probs(
+        &self,
+        d: Dims,
+        bi: usize,
+        qg: &[f32],
+        kg: &[f32],
+        stats: Option<&[(f32, f32)]>,
+    ) -> (Vec<f32>, Vec<(f32, f32)>) {
+        let n = d.n_rep() * d.t;
+        let mut p = vec![0f32; n * d.tk];
+        mm(
+            &mut p,
+            [n, d.tk, d.hd],
+            rows(qg, d.hd),
+            cols(kg, d.hd),
+            self.scale,
+            false,
+            ONE,
+        );
+        let mut out_stats = Vec::with_capacity(if stats.is_some() { 0 } else { n });
+        for (row, s) in p.chunks_mut(d.tk).enumerate() {
+            let i = row % d.t;
+            let (brow, any) = self.visible(d, bi, i);
+            for (x, &bj) in s.iter_mut().zip(brow) {
+                *x = if !any || bj > HIDDEN {
+                    *x + bj
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+            let (max, inv) = match stats {
+                Some(st) => st[row],
+                None => {
+                    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = s
+                        .iter_mut()
+                        .map(|x| {
+                            *x = (*x - max).exp();
+                            *x
+                        })
+                        .sum();
+                    let inv = 1.0 / sum;
+                    out_stats.push((max, inv));
+                    for x in s.iter_mut() {
+                        *x *= inv;
+                    }
+                    continue;
+                }
             };
+            for x in s.iter_mut() {
+                *x = (*x - max).exp() * inv;
+            }
         }
+        (p, out_stats)
     }
 }
 
@@ -119,31 +173,19 @@ impl CustomOp3 for Attention {
                 let bi = gi / kvh;
                 let kg = &k[gi * tk * hd..(gi + 1) * tk * hd];
                 let vg = &v[gi * tk * hd..(gi + 1) * tk * hd];
-                let mut out = vec![0f32; n_rep * t * hd];
-                let mut stats = Vec::with_capacity(n_rep * t);
-                let mut s = vec![0f32; tk];
-                for r in 0..n_rep {
-                    let head = (gi % kvh) * n_rep + r;
-                    for i in 0..t {
-                        let qrow = &q[((bi * h + head) * t + i) * hd..][..hd];
-                        let (brow, any) = self.visible(d, bi, i);
-                        self.scores(d, qrow, kg, brow, any, &mut s);
-                        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in s.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
-                        let o = &mut out[(r * t + i) * hd..][..hd];
-                        for (j, &p) in s.iter().enumerate() {
-                            if p != 0.0 {
-                                axpy(o, p * inv, &vg[j * hd..(j + 1) * hd]);
-                            }
-                        }
-                        stats.push((max, inv));
-                    }
-                }
+                let n = n_rep * t;
+                let qg = &q[gi * n * hd..(gi + 1) * n * hd];
+                let (p, stats) = self.probs(d, bi, qg, kg, None);
+                let mut out = vec![0f32; n * hd];
+                mm(
+                    &mut out,
+                    [n, hd, tk],
+                    rows(&p, tk),
+                    rows(vg, hd),
+                    1.0,
+                    false,
+                    ONE,
+                );
                 (out, stats)
             })
             .collect();
@@ -200,32 +242,69 @@ impl CustomOp3 for Attention {
                 let bi = gi / kvh;
                 let kg = &kv[gi * tk * hd..(gi + 1) * tk * hd];
                 let vg = &vv[gi * tk * hd..(gi + 1) * tk * hd];
-                let mut s = vec![0f32; tk];
+                let n = n_rep * t;
+                let qg = &qv[gi * n * hd..(gi + 1) * n * hd];
+                let st = &stats[gi * n..(gi + 1) * n];
+                let (mut p, _) = self.probs(d, bi, qg, kg, Some(st));
+                // The group's dO and O as [n_rep·t, hd], gathered from [b, t, h, hd].
+                let mut dog = vec![0f32; n * hd];
+                let mut delta = vec![0f32; n];
                 for r in 0..n_rep {
                     let head = (gi % kvh) * n_rep + r;
                     for i in 0..t {
-                        let qrow = &qv[((bi * h + head) * t + i) * hd..][..hd];
                         let at = ((bi * t + i) * h + head) * hd;
-                        let (orow, grow) = (&o[at..at + hd], &go[at..at + hd]);
-                        let (max, inv) = stats[(bi * h + head) * t + i];
-                        let (brow, any) = self.visible(d, bi, i);
-                        self.scores(d, qrow, kg, brow, any, &mut s);
-                        // dS_j = P_j (dO·v_j − dO·O); dq += dS·k·scale, dk_j += dS_j·q·scale.
-                        let delta = dot(grow, orow);
-                        let dqrow = &mut dqg[(r * t + i) * hd..][..hd];
-                        for j in 0..tk {
-                            let p = (s[j] - max).exp() * inv;
-                            if p == 0.0 {
-                                continue;
-                            }
-                            let vj = &vg[j * hd..(j + 1) * hd];
-                            axpy(&mut dvg[j * hd..(j + 1) * hd], p, grow);
-                            let ds = p * (dot(grow, vj) - delta) * self.scale;
-                            axpy(dqrow, ds, &kg[j * hd..(j + 1) * hd]);
-                            axpy(&mut dkg[j * hd..(j + 1) * hd], ds, qrow);
-                        }
+                        let row = r * t + i;
+                        dog[row * hd..(row + 1) * hd].copy_from_slice(&go[at..at + hd]);
+                        delta[row] = go[at..at + hd]
+                            .iter()
+                            .zip(&o[at..at + hd])
+                            .map(|(a, b)| a * b)
+                            .sum();
                     }
                 }
+                // dV = Pᵀ·dO; dP = dO·Vᵀ; dS = P⊙(dP − δ)·scale; dQ = dS·K; dK = dSᵀ·Q.
+                mm(
+                    dvg,
+                    [tk, hd, n],
+                    cols(&p, tk),
+                    rows(&dog, hd),
+                    1.0,
+                    false,
+                    ONE,
+                );
+                let mut dp = vec![0f32; n * tk];
+                mm(
+                    &mut dp,
+                    [n, tk, hd],
+                    rows(&dog, hd),
+                    cols(vg, hd),
+                    1.0,
+                    false,
+                    ONE,
+                );
+                for ((prow, dprow), &dl) in p.chunks_mut(tk).zip(dp.chunks(tk)).zip(&delta) {
+                    for (x, &dpx) in prow.iter_mut().zip(dprow) {
+                        *x *= (dpx - dl) * self.scale;
+                    }
+                }
+                mm(
+                    dqg,
+                    [n, hd, tk],
+                    rows(&p, tk),
+                    rows(kg, hd),
+                    1.0,
+                    false,
+                    ONE,
+                );
+                mm(
+                    dkg,
+                    [tk, hd, n],
+                    cols(&p, tk),
+                    rows(qg, hd),
+                    1.0,
+                    false,
+                    ONE,
+                );
             });
         let dev = q.device();
         Ok((

@@ -5,9 +5,8 @@
 //! target's log-probability, and the chunk buffer is reused. Backward recomputes the chunk's
 //! logits, forms dlogits = g·(onehot − softmax) in place and multiplies it out into dh (and dW
 //! when the head is trained), so neither pass keeps more than one chunk of logits.
-use super::slice;
+use super::{cols, mm, rows, slice, threads};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -47,40 +46,17 @@ struct TargetLogprobs {
     head_grad: bool,
 }
 
-fn threads() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 /// logits [r, vocab] = hc [r, d] · Wᵀ.
 fn logits(hc: &[f32], w: &[f32], r: usize, d: usize, vocab: usize, out: &mut [f32]) {
-    // SAFETY: out holds r×vocab, hc r×d and w vocab×d elements, all row-major; the strides
-    // below address exactly those.
-    unsafe {
-        gemm::gemm(
-            r,
-            vocab,
-            d,
-            out.as_mut_ptr(),
-            1,
-            vocab as isize,
-            false,
-            hc.as_ptr(),
-            1,
-            d as isize,
-            w.as_ptr(),
-            d as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads(),
-        );
-    }
+    mm(
+        out,
+        [r, vocab, d],
+        rows(hc, d),
+        cols(w, d),
+        1.0,
+        false,
+        threads(),
+    );
 }
 
 /// Copies the chunk's selected hidden rows into a dense [r, d] buffer.
@@ -207,54 +183,27 @@ impl CustomOp3 for TargetLogprobsBwd {
                     row[y as usize] += gi;
                 });
             let mut dhc = vec![0f32; r * d];
-            // SAFETY: dl is r×vocab, w vocab×d, dhc r×d, hc r×d, dw vocab×d, row-major.
-            unsafe {
-                // dhc [r, d] = dl [r, vocab] · W [vocab, d].
-                gemm::gemm(
-                    r,
-                    d,
-                    vocab,
-                    dhc.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    dl.as_ptr(),
-                    1,
-                    vocab as isize,
-                    w.as_ptr(),
-                    1,
-                    d as isize,
-                    0.0,
+            // dhc [r, d] = dl [r, vocab] · W [vocab, d].
+            mm(
+                &mut dhc,
+                [r, d, vocab],
+                rows(dl, vocab),
+                rows(w, d),
+                1.0,
+                false,
+                threads(),
+            );
+            if self.head_grad {
+                // dW [vocab, d] += dlᵀ [vocab, r] · hc [r, d].
+                mm(
+                    dw,
+                    [vocab, d, r],
+                    cols(dl, vocab),
+                    rows(&hc, d),
                     1.0,
-                    false,
-                    false,
-                    false,
+                    !first,
                     threads(),
                 );
-                if self.head_grad {
-                    // dW [vocab, d] += dlᵀ [vocab, r] · hc [r, d].
-                    gemm::gemm(
-                        vocab,
-                        d,
-                        r,
-                        dw.as_mut_ptr(),
-                        1,
-                        d as isize,
-                        !first,
-                        dl.as_ptr(),
-                        vocab as isize,
-                        1,
-                        hc.as_ptr(),
-                        1,
-                        d as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        threads(),
-                    );
-                }
             }
             first = false;
             for (k, &(i, _)) in chunk.iter().enumerate() {

@@ -4,20 +4,24 @@
 //!   [T, T] probabilities (recomputed row by row in backward, flash-style);
 //! - `logprob`: log-probabilities of the target tokens, computed in row chunks over the whole
 //!   vocabulary without materialising [tokens, vocab] logits, forward and backward;
-//! - `swiglu`: silu(gate)·up in one pass, both gradients in one pass.
+//! - `swiglu`: silu(gate)·up in one pass, both gradients in one pass;
+//! - `lora_linear`: a LoRA layer on a frozen base as one op (two gemm calls each way).
 //!
 //! `model::llama` keeps the readable composed model; it routes here on CPU f32 when its fused
 //! kernels are on (the default), and tests/fast_train.rs holds both paths equal.
 pub mod attention;
+pub mod linear;
 pub mod logprob;
 pub mod swiglu;
 
 pub use attention::attention;
+pub use linear::lora_linear;
 pub use logprob::target_logprobs;
 pub use swiglu::swiglu;
 
 use super::ops::f32_slice as slice;
 use candle_core::{DType, Device, Result, Tensor};
+use gemm::Parallelism;
 
 /// Whether `t` can take the fused CPU kernels.
 pub fn applies(t: &Tensor) -> bool {
@@ -29,32 +33,81 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Σ a⊙b with eight independent partial sums, so that the compiler vectorises it.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let mut s: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((acc, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *acc += x * y;
-        }
-    }
-    s += ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    s
+/// A row-major matrix operand for `mm`: its elements and the strides between rows and
+/// between columns (a transposed view swaps them).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
 
-/// y += alpha·x.
-#[inline]
-fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+/// `data` as a matrix of rows `width` wide.
+fn rows(data: &[f32], width: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: width,
+        cs: 1,
+    }
+}
+
+/// The transpose of `data` read as rows `width` wide.
+fn cols(data: &[f32], width: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rs: 1,
+        cs: width,
+    }
+}
+
+/// All of rayon's threads, for a gemm called outside a rayon task.
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// dst [m, n] (row-major) = beta·lhs [m, k]·rhs [k, n], added to dst when `accumulate`,
+/// else overwriting it.
+fn mm(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    let fits =
+        |t: Mat, r: usize, c: usize| t.data.len() > (r.max(1) - 1) * t.rs + (c.max(1) - 1) * t.cs;
+    assert!(
+        dst.len() >= m * n && fits(lhs, m, k) && fits(rhs, k, n),
+        "gemm operands too short"
+    );
+    // SAFETY: the assert keeps every element the strides address inside its slice; dst is
+    // borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
     }
 }

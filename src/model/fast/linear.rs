@@ -1,0 +1,196 @@
+//! A LoRA linear layer on a frozen base, y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, as one op.
+//!
+//! Composed from candle ops the same layer is five graph nodes (base product, two adapter
+//! products, the scale, the sum), and candle's backward pays a zero-filled buffer and an
+//! addition for every edge it walks, most of them [rows, out] wide. Here forward is two gemm
+//! calls into one output (the adapter's product accumulated onto the base's) and backward
+//! returns dx, dA and dB from gemm calls that accumulate in place; W gets no gradient.
+use super::{cols, mm, rows, slice, threads};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+/// y [m, n] = x [m, k]·Wᵀ + scale·(x·Aᵀ)·Bᵀ for a constant W [n, k], A [r, k], B [n, r];
+/// differentiable in x, A and B.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    let (r, ka) = a.dims2()?;
+    if kw != k || ka != k || b.dims() != [n, r] {
+        candle_core::bail!(
+            "lora_linear: input {:?}, weight {:?}, A {:?}, B {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let op = LoraLinear {
+        w: w.contiguous()?,
+        scale: scale as f32,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f32,
+}
+
+/// Runs `f` on the contiguous f32 elements of a CPU tensor, read in place.
+fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(slice(s, layout, "lora_linear")?),
+        _ => candle_core::bail!("lora_linear: a tensor is not on the CPU"),
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "osp-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let a = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let (m, k) = l1.shape().dims2()?;
+        let (r, _) = l2.shape().dims2()?;
+        let (n, _) = l3.shape().dims2()?;
+        let mut t = vec![0f32; m * r];
+        mm(
+            &mut t,
+            [m, r, k],
+            rows(x, k),
+            cols(a, k),
+            1.0,
+            false,
+            threads(),
+        );
+        let mut y = vec![0f32; m * n];
+        with_cpu(&self.w, |w| {
+            mm(
+                &mut y,
+                [m, n, k],
+                rows(x, k),
+                cols(w, k),
+                1.0,
+                false,
+                threads(),
+            );
+            Ok(())
+        })?;
+        mm(
+            &mut y,
+            [m, n, r],
+            rows(&t, r),
+            cols(b, r),
+            self.scale,
+            true,
+            threads(),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let (n, _) = b.dims2()?;
+        let grad = grad.contiguous()?;
+        let s = self.scale;
+        let (dx, da, db) = with_cpu(x, |x| {
+            with_cpu(a, |a| {
+                with_cpu(b, |b| {
+                    with_cpu(&grad, |g| {
+                        with_cpu(&self.w, |w| {
+                            // u = g·B [m, r]; t = x·Aᵀ [m, r], recomputed (m·r·k: small).
+                            let mut u = vec![0f32; m * r];
+                            mm(
+                                &mut u,
+                                [m, r, n],
+                                rows(g, n),
+                                rows(b, r),
+                                1.0,
+                                false,
+                                threads(),
+                            );
+                            let mut t = vec![0f32; m * r];
+                            mm(
+                                &mut t,
+                                [m, r, k],
+                                rows(x, k),
+                                cols(a, k),
+                                1.0,
+                                false,
+                                threads(),
+                            );
+                            // dx = g·W + s·u·A
+                            let mut dx = vec![0f32; m * k];
+                            mm(
+                                &mut dx,
+                                [m, k, n],
+                                rows(g, n),
+                                rows(w, k),
+                                1.0,
+                                false,
+                                threads(),
+                            );
+                            mm(
+                                &mut dx,
+                                [m, k, r],
+                                rows(&u, r),
+                                rows(a, k),
+                                s,
+                                true,
+                                threads(),
+                            );
+                            // dA = s·uᵀ·x [r, k]; dB = s·gᵀ·t [n, r]
+                            let mut da = vec![0f32; r * k];
+                            mm(
+                                &mut da,
+                                [r, k, m],
+                                cols(&u, r),
+                                rows(x, k),
+                                s,
+                                false,
+                                threads(),
+                            );
+                            let mut db = vec![0f32; n * r];
+                            mm(
+                                &mut db,
+                                [n, r, m],
+                                cols(g, n),
+                                rows(&t, r),
+                                s,
+                                false,
+                                threads(),
+                            );
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
