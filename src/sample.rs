@@ -101,6 +101,11 @@ pub struct Generation {
     /// Decoded text, cut before a stop string.
     pub text: String,
     pub finish: FinishReason,
+    /// Σ log π(token) over `tokens` under the sampling model's own distribution (its logits
+    /// before temperature, top-k and top-p), recorded while sampling where the sampler reads
+    /// the logits on the host (the CPU engine); None elsewhere. Online training takes πθ's
+    /// log-probabilities of its samples from here instead of scoring them again.
+    pub logprob: Option<f32>,
 }
 
 /// Incremental decoding state for a batch: the cache plus which cached keys are real tokens.
@@ -318,6 +323,7 @@ pub fn generate(
                 tokens: vec![],
                 text: String::new(),
                 finish: FinishReason::Length,
+                logprob: Some(0.0),
             })
             .collect());
     }
@@ -370,6 +376,7 @@ pub fn generate(
                 tokens: std::mem::take(&mut out[i]),
                 text,
                 finish: finish[i].unwrap_or(FinishReason::Length),
+                logprob: None,
             })
         })
         .collect()

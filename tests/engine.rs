@@ -347,6 +347,57 @@ fn samples_are_the_same_alone_and_in_a_batch_with_shared_prompts() {
     assert_ne!(together[0].tokens, together[2].tokens);
 }
 
+/// The log-probability the sampler records for each sample (its raw logits, before
+/// temperature, top-k and top-p) is the reference model's score of the same tokens.
+#[test]
+fn recorded_sample_log_probabilities_equal_the_reference_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_run_model(dir.path(), 6);
+    let lm = load_model(&path, None, &Device::Cpu, lora()).unwrap();
+    randomise_adapter(&lm.model, 11);
+    let tok = &lm.tokenizer;
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_k: 10,
+        top_p: 0.9,
+        max_new_tokens: 20,
+        stop_strings: vec!["red".into()],
+        ..Default::default()
+    };
+    let reqs: Vec<Request> = ["cat sat on the mat", "dog ran", "cat sat on the mat"]
+        .iter()
+        .enumerate()
+        .map(|(j, p)| Request {
+            prompt: tok.encode(p, true).unwrap(),
+            seed: 7 + j as u64,
+        })
+        .collect();
+    let gens = generate(&lm.model, tok, &reqs, &params).unwrap();
+    let (seqs, masks): (Vec<Vec<u32>>, Vec<Vec<bool>>) = reqs
+        .iter()
+        .zip(&gens)
+        .map(|(r, g)| {
+            let mut s = r.prompt.clone();
+            s.extend_from_slice(&g.tokens);
+            let m = (0..s.len()).map(|j| j >= r.prompt.len()).collect();
+            (s, m)
+        })
+        .unzip();
+    let want = lm
+        .model
+        .sequence_logps(&seqs, &masks)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (g, w) in gens.iter().zip(&want) {
+        let got = g
+            .logprob
+            .expect("the CPU engine records the log-probability");
+        assert!(!g.tokens.is_empty());
+        assert!((got - w).abs() < 1e-4 * (1.0 + w.abs()), "{got} vs {w}");
+    }
+}
+
 #[test]
 fn an_out_of_range_token_is_an_error() {
     let model = load("llama_gqa", Trainable::None);

@@ -3,6 +3,7 @@
 //! with that prompt attends to, finished rows leave the batch, stop strings are checked on a
 //! tail window of the continuation.
 use super::forward::{Engine, Segment};
+use super::score::token_logprob;
 use crate::sample::SamplingParams;
 use crate::sample::{continuation_text, sample_token, FinishReason, Generation, Request};
 use crate::tokenizer::Tokenizer;
@@ -86,6 +87,7 @@ pub fn generate(
     let mut out: Vec<Vec<u32>> = vec![vec![]; n];
     let mut finish: Vec<Option<FinishReason>> = vec![None; n];
     let mut texts: Vec<Option<String>> = vec![None; n];
+    let mut logprob = vec![0f32; n];
     // Logits of each active row, [active, vocab], in `active` order.
     let mut active: Vec<usize> = (0..n).collect();
     let mut logits: Vec<f32> = Vec::with_capacity(n * vocab);
@@ -96,7 +98,9 @@ pub fn generate(
     for step in 0..params.max_new_tokens {
         let mut next = Vec::with_capacity(active.len());
         for (a, &i) in active.iter().enumerate() {
-            let t = sample_token(&logits[a * vocab..(a + 1) * vocab], params, &mut rngs[i]);
+            let row = &logits[a * vocab..(a + 1) * vocab];
+            let t = sample_token(row, params, &mut rngs[i]);
+            logprob[i] += token_logprob(row, t);
             out[i].push(t);
             if eos.contains(&t) {
                 finish[i] = Some(FinishReason::Eos);
@@ -143,6 +147,7 @@ pub fn generate(
                 tokens: std::mem::take(&mut out[i]),
                 text,
                 finish: finish[i].unwrap_or(FinishReason::Length),
+                logprob: Some(logprob[i]),
             })
         })
         .collect()

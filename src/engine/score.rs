@@ -217,6 +217,13 @@ pub fn p_ab(
     Ok(out)
 }
 
+/// log softmax(logits)[t], for one row of logits.
+pub(crate) fn token_logprob(logits: &[f32], t: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+    logits[t as usize] - lse
+}
+
 /// Per-sequence sum of log π(token) over the tokens where `mask` is true (the first token is
 /// never scored), as `Llama::sequence_logps` computes it.
 pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -> Result<Vec<f32>> {
@@ -264,10 +271,7 @@ pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -
             }
             engine.logits_into(&hid, chunk.len(), &mut logits)?;
             for (k, &(i, _, t)) in chunk.iter().enumerate() {
-                let l = &logits[k * vocab..(k + 1) * vocab];
-                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = l.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
-                sums[i] += l[t as usize] - lse;
+                sums[i] += token_logprob(&logits[k * vocab..(k + 1) * vocab], t);
             }
         }
         out.extend(sums);

@@ -406,10 +406,26 @@ impl OnlineRun {
             true => (0..seqs.len()).collect(),
             false => free_idx,
         };
-        let pol_free = match engine_idx.is_empty() {
+        // The sampler recorded them where it could (the CPU engine); the rest are scored.
+        let unrecorded: Vec<usize> = engine_idx
+            .iter()
+            .copied()
+            .filter(|&i| samples[i].logprob.is_none())
+            .collect();
+        let mut scored = match unrecorded.is_empty() {
             true => vec![],
-            false => frozen_response_logps(policy, &pick(&engine_idx))?,
-        };
+            false => frozen_response_logps(policy, &pick(&unrecorded))?,
+        }
+        .into_iter();
+        let pol_free: Vec<f32> = engine_idx
+            .iter()
+            .map(|&i| {
+                samples[i]
+                    .logprob
+                    .or_else(|| scored.next())
+                    .unwrap_or(f32::NAN)
+            })
+            .collect();
         log.secs.logprob += t.elapsed().as_secs_f64();
         let mut pol_host = vec![0f32; seqs.len()];
         if let Some(g) = &pol_graph {
