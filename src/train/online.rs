@@ -34,9 +34,10 @@ const EVAL_SEED_SALT: u64 = 0x0e7a_1000;
 /// Sequences per batch of πθ's log-probabilities with the graph: sorted by length and padded
 /// per batch, so short prompts do not pay for the longest one.
 const GRAPH_BUCKET: usize = 16;
-/// Sequences per graph pass when the loss is backpropagated bucket by bucket: small, since
-/// each sequence's activations for the backward are about 1 GB on a 135M model at 600 tokens.
-const BACKWARD_BUCKET: usize = 2;
+/// Padded tokens per graph pass when the loss is backpropagated bucket by bucket (at least
+/// one sequence): the activations kept for backward grow with tokens (about 1 GB per 600
+/// tokens on a 135M model), while larger passes make larger, faster products.
+const BACKWARD_TOKENS: usize = 1024;
 /// Held-out prompts sampled per batch during evaluation.
 const EVAL_CHUNK: usize = 64;
 
@@ -525,7 +526,7 @@ impl OnlineRun {
     }
 
     /// The gradient of `loss` through the paired samples' log-probabilities, one bucket of
-    /// `BACKWARD_BUCKET` sequences at a time: with g_i = ∂loss/∂logp_i taken on the leaves,
+    /// `BACKWARD_TOKENS` padded tokens at a time: with g_i = ∂loss/∂logp_i taken on the leaves,
     /// ∂loss/∂θ = Σ_i g_i ∂logp_i/∂θ, so backpropagating Σ_i g_i logp_i bucket by bucket gives
     /// the same gradient while only one bucket's activations are alive.
     fn backward_in_buckets(
@@ -561,7 +562,7 @@ impl OnlineRun {
         let order = by_length(seqs, paired.iter().copied());
         let device = trainer.model.device().clone();
         let mut first = true;
-        for chunk in order.chunks(BACKWARD_BUCKET) {
+        for chunk in token_buckets(&order, |i| seqs[i].0.len() + seqs[i].1.len()) {
             let part: Vec<(&[u32], &[u32])> = chunk.iter().map(|&i| seqs[i]).collect();
             trainer.model.set_training(true);
             let lp = response_logps(&trainer.model, &part);
@@ -866,10 +867,47 @@ pub(crate) fn load_prompt_texts(cfg: &TrainConfig, tok: &Tokenizer) -> Result<Ve
     Ok(texts)
 }
 
+/// Splits `order` (sorted by length, shortest first) into runs whose padded size — count ×
+/// the run's longest length — stays within `BACKWARD_TOKENS`, each holding at least one.
+fn token_buckets(order: &[usize], len: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut out = vec![];
+    let mut start = 0;
+    for end in 1..=order.len() {
+        let over = |e: usize| (e - start) * len(order[e - 1]) > BACKWARD_TOKENS;
+        if end - start > 1 && over(end) {
+            out.push(&order[start..end - 1]);
+            start = end - 1;
+        }
+    }
+    if start < order.len() {
+        out.push(&order[start..]);
+    }
+    out
+}
+
 fn mean(xs: &[f64]) -> f64 {
     crate::eval::mean_std(xs).0
 }
 
 fn histogram(xs: &[f64]) -> Vec<usize> {
     crate::eval::histogram01(xs, STRENGTH_BINS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_buckets_bound_the_padded_size_and_keep_every_sequence() {
+        // Lengths by index; `order` is sorted by length, as by_length gives it.
+        let lens = [100, 200, 300, 500, 600, 2000];
+        let order = [0, 1, 2, 3, 4, 5];
+        let buckets = token_buckets(&order, |i| lens[i]);
+        assert_eq!(
+            buckets,
+            vec![&[0, 1, 2][..], &[3][..], &[4][..], &[5][..]],
+            "3 × 300 fits in {BACKWARD_TOKENS}, 2 × 600 does not; a long sequence goes alone"
+        );
+        assert!(token_buckets(&[], |i| lens[i]).is_empty());
+    }
 }
