@@ -85,6 +85,14 @@ TLDR=(--model $G --adapter $R/self-improve/adapter --prompts $D/tldr_prompts_eva
 step compare-self-base "$OSP" compare "${TLDR[@]}"
 step compare-self-aug "$OSP" compare "${TLDR[@]}" --judge-adapter $R/judge-seed2/adapter
 
+# 4b. The same on all 200 TL;DR posts (50 iterations of 4), the paper's prompt count.
+resumable train-self-improve-200 $R/self-improve-200 "$OSP" train --config configs/real-self-improve.toml \
+    --set train.steps=50 --set train.save_every=5 --set train.out=\"$R/self-improve-200\"
+TLDR200=(--model $G --adapter $R/self-improve-200/adapter --prompts $D/tldr_prompts_eval.jsonl
+    --max-new-tokens 48 --stop $'\n' "${CHAT[@]}" --json)
+step compare-self200-base "$OSP" compare "${TLDR200[@]}"
+step compare-self200-aug "$OSP" compare "${TLDR200[@]}" --judge-adapter $R/judge-seed2/adapter
+
 # 5. Out of domain for the helpful seed: HH harmless-base, before and after augmentation.
 judge judge-base-harmless $D/hh_harmless_eval.jsonl hh --model $G
 judge judge-aug-harmless $D/hh_harmless_eval.jsonl hh --model $R/aug-seed2
