@@ -10,6 +10,8 @@
 //! Python: `$OSP_BENCH_PYTHON`, else `pyenv/bin/python` or `../pyenv/bin/python`, else
 //! `python3`; without torch the PyTorch column is skipped. `OSP_BENCH_REPEATS` (default 5).
 //! `OSP_BENCH_TINY=1` runs only rows (c) and (d) at toy sizes, to check that they run.
+//! `OSP_BENCH_ONLY_INFERENCE=1` runs only the inference-engine rows, `OSP_BENCH_SKIP_INFERENCE=1`
+//! all but them.
 use anyhow::{Context, Result};
 use candle_core::{Device, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -391,6 +393,10 @@ fn main() -> Result<()> {
     let tok_path = root.join("../shared/data/models/stories260K/tok512.bin");
     let tok = Tokenizer::from_llama2c(&tok_path, VOCAB)
         .context("the sampling bench decodes with the stories260K tokenizer (vocab 512)")?;
+    if std::env::var("OSP_BENCH_ONLY_INFERENCE").is_ok_and(|v| v == "1") {
+        // Re-measuring the engine rows alone takes a third of the whole bench.
+        return inference_rows(&root, &tok, repeats);
+    }
     let mut rows = vec![];
     for (dim, layers) in [(256, 4), (512, 8)] {
         let train = median(train_step_times(dim, layers, repeats)?);
