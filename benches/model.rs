@@ -394,7 +394,7 @@ fn main() -> Result<()> {
     let tok = Tokenizer::from_llama2c(&tok_path, VOCAB)
         .context("the sampling bench decodes with the stories260K tokenizer (vocab 512)")?;
     if std::env::var("OSP_BENCH_ONLY_INFERENCE").is_ok_and(|v| v == "1") {
-        // Re-measuring the engine rows alone takes a third of the whole bench.
+        // The engine rows alone, without rerunning the training and LoRA rows.
         return inference_rows(&root, &tok, repeats);
     }
     let mut rows = vec![];
