@@ -69,16 +69,17 @@ pub fn matmul_nt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &
     };
     if threads <= 1 {
         run(0, rows, 0, out);
-    } else if rows <= ROW_TILE {
-        // Decode: few rows, split the outputs (each thread streams its share of W once).
+    } else if rows < 2 * ROW_TILE * threads {
+        // Decode and small batches: split the outputs (each thread streams its share of W
+        // once per row tile). Splitting 56 rows by 48-row tiles gave one thread 48 rows and
+        // the other 8.
         let per = out.div_ceil(threads).next_multiple_of(4);
         (0..out.div_ceil(per))
             .into_par_iter()
             .for_each(|t| run(0, rows, t * per, ((t + 1) * per).min(out)));
     } else {
-        // Prefill: many rows, split them by tiles (each thread reads all of W per tile).
-        let tiles = rows.div_ceil(ROW_TILE);
-        let per = tiles.div_ceil(threads) * ROW_TILE;
+        // Prefill: many rows, equal shares of them (each thread reads all of W per tile).
+        let per = rows.div_ceil(threads);
         (0..rows.div_ceil(per))
             .into_par_iter()
             .for_each(|t| run(t * per, ((t + 1) * per).min(rows), 0, out));
@@ -389,7 +390,16 @@ mod tests {
 
     #[test]
     fn matches_naive_and_is_row_invariant() {
-        for &(rows, inp, out) in &[(1, 3, 1), (5, 19, 7), (8, 64, 33), (130, 72, 150)] {
+        // The last two are threaded (when the pool has two threads): 56 rows split by outputs,
+        // 200 rows by equal shares of rows.
+        for &(rows, inp, out) in &[
+            (1, 3, 1),
+            (5, 19, 7),
+            (8, 64, 33),
+            (130, 72, 150),
+            (56, 512, 41),
+            (200, 256, 44),
+        ] {
             let x = data(rows * inp, 1);
             let w = data(out * inp, 2);
             let mut y = vec![0f32; rows * out];
