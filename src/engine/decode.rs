@@ -10,11 +10,21 @@ use crate::tokenizer::Tokenizer;
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// Prompt tokens per prefill forward: bounds the activations (rows × FFN width) however many
 /// distinct prompts there are.
 const PREFILL_TOKENS: usize = 4096;
+
+/// Logits (rows × vocabulary) worth sampling on more than one thread.
+const SAMPLE_WORK_PER_THREAD: usize = 1 << 16;
+
+/// A token drawn from one row of logits, and its log-probability under them.
+fn draw(row: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
+    let t = sample_token(row, params, rng);
+    (t, token_logprob(row, t))
+}
 
 /// Generates a continuation for every request (validated by the caller).
 pub fn generate(
@@ -96,11 +106,29 @@ pub fn generate(
     }
     drop(first_logits);
     for step in 0..params.max_new_tokens {
+        // Each row draws from its own stream, so rows sample in parallel (the softmax over a
+        // 50k vocabulary for 56 rows is milliseconds that would leave the other cores idle).
+        let mut streams: Vec<(usize, &mut ChaCha8Rng)> = rngs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.binary_search(i).is_ok())
+            .collect();
+        let drawn: Vec<(u32, f32)> = if active.len() * vocab >= SAMPLE_WORK_PER_THREAD {
+            streams
+                .par_iter_mut()
+                .enumerate()
+                .map(|(a, (_, rng))| draw(&logits[a * vocab..(a + 1) * vocab], params, rng))
+                .collect()
+        } else {
+            streams
+                .iter_mut()
+                .enumerate()
+                .map(|(a, (_, rng))| draw(&logits[a * vocab..(a + 1) * vocab], params, rng))
+                .collect()
+        };
         let mut next = Vec::with_capacity(active.len());
-        for (a, &i) in active.iter().enumerate() {
-            let row = &logits[a * vocab..(a + 1) * vocab];
-            let t = sample_token(row, params, &mut rngs[i]);
-            logprob[i] += token_logprob(row, t);
+        for (&i, &(t, lp)) in active.iter().zip(&drawn) {
+            logprob[i] += lp;
             out[i].push(t);
             if eos.contains(&t) {
                 finish[i] = Some(FinishReason::Eos);
