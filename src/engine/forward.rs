@@ -3,7 +3,7 @@
 //! shared prompt prefix in another cache). Sequences are never padded: prefill, decode steps
 //! and scoring are the same function with different segments, and every row's arithmetic is
 //! independent of the other rows in the batch.
-use super::kernels::{parallel_for, MIN_WORK_PER_THREAD};
+use super::kernels::{matmul_nt, parallel_for, MIN_WORK_PER_THREAD};
 use super::kv::KvCache;
 use super::weights::{with_f32, LinearView, ModelView};
 use crate::model::{Llama, ModelConfig};
@@ -131,6 +131,7 @@ impl Engine {
             }
         })?;
         let eps = c.rms_norm_eps as f32;
+        let table = self.rope_table(segs, &row_of);
         let (mut h, mut q, mut k, mut v, mut a) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut g, mut u, mut y) = (vec![], vec![], vec![]);
         for (li, layer) in self.view.layers.iter().enumerate() {
@@ -138,8 +139,8 @@ impl Engine {
             layer.q.forward(&h, rows, &mut q)?;
             layer.k.forward(&h, rows, &mut k)?;
             layer.v.forward(&h, rows, &mut v)?;
-            self.rope(&mut q, c.num_attention_heads, segs, &row_of);
-            self.rope(&mut k, c.num_key_value_heads, segs, &row_of);
+            self.rope(&mut q, c.num_attention_heads, &table);
+            self.rope(&mut k, c.num_key_value_heads, &table);
             let kvw = c.num_key_value_heads * c.head_dim;
             for (r, &(si, i)) in row_of.iter().enumerate() {
                 let s = &segs[si];
@@ -201,27 +202,35 @@ impl Engine {
                 with_f32(a, |a| {
                     super::kernels::matmul_nt(hidden, 1, d, a, r, &mut xa)
                 })?;
+                // The head's row of B is a column of Bᵀ: `lora_delta`'s arithmetic exactly.
                 row = with_f32(b, |b| b[id * r..(id + 1) * r].to_vec())?;
-                let mut dlt = [0f32];
-                super::kernels::matmul_nt(&xa, 1, r, &row, 1, &mut dlt);
-                y[0] += dlt[0] * scale;
+                super::weights::lora_delta(&xa, &row, *scale, &mut y);
             }
             out.push(y[0]);
         }
         Ok(out)
     }
 
+    /// (cos, sin) of every row's rotary angles, [rows, head_dim / 2]: computed once per
+    /// forward, not once per layer and projection.
+    fn rope_table(&self, segs: &[Segment], row_of: &[(usize, usize)]) -> Vec<(f32, f32)> {
+        row_of
+            .iter()
+            .flat_map(|&(si, i)| {
+                let pos = (segs[si].pos0 + i) as f32;
+                self.inv_freq.iter().map(move |f| {
+                    let ang = pos * f;
+                    (ang.cos(), ang.sin())
+                })
+            })
+            .collect()
+    }
+
     /// Rotates each row's heads by its position ("rotate half" layout).
-    fn rope(&self, x: &mut [f32], heads: usize, segs: &[Segment], row_of: &[(usize, usize)]) {
+    fn rope(&self, x: &mut [f32], heads: usize, table: &[(f32, f32)]) {
         let hd = self.cfg.head_dim;
         let half = hd / 2;
-        let mut cs = vec![(0f32, 0f32); half];
-        for (r, &(si, i)) in row_of.iter().enumerate() {
-            let pos = (segs[si].pos0 + i) as f32;
-            for (j, c) in cs.iter_mut().enumerate() {
-                let ang = pos * self.inv_freq[j];
-                *c = (ang.cos(), ang.sin());
-            }
+        for (r, cs) in table.chunks_exact(half).enumerate() {
             for hh in 0..heads {
                 let v = &mut x[(r * heads + hh) * hd..(r * heads + hh + 1) * hd];
                 for (j, &(c, s)) in cs.iter().enumerate() {
@@ -272,24 +281,9 @@ impl Engine {
                 _ => (&[][..], &[][..]),
             };
             let (ok, ov) = cache.head(layer, s.slot, g, own);
-            let n = pk.len() / hd + own;
-            let mut p = Vec::with_capacity(n);
-            for kv in pk.chunks_exact(hd).chain(ok.chunks_exact(hd)) {
-                p.push(dot(qv, kv) * scale);
-            }
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            p.iter_mut().for_each(|v| {
-                *v = (*v - max).exp();
-                sum += *v;
-            });
-            let inv = 1.0 / sum;
             // Safety: each unit owns the (row, head) slice it writes.
             let o = unsafe { std::slice::from_raw_parts_mut(op.at((r * h + head) * hd), hd) };
-            for (w, vv) in p.iter().zip(pv.chunks_exact(hd).chain(ov.chunks_exact(hd))) {
-                let w = w * inv;
-                o.iter_mut().zip(vv).for_each(|(o, v)| *o += w * v);
-            }
+            attend(qv, [(pk, pv), (ok, ov)], scale, o);
         };
         // Parallel over (row, head) units only when the work pays for the threads.
         if work < MIN_WORK_PER_THREAD {
@@ -300,20 +294,83 @@ impl Engine {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut l = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            l[i] += x[i] * y[i];
+/// o = softmax(q·kᵀ · scale) · v over the keys and values of `parts` in order, for one query
+/// head. The scores come from the product kernel; the rest is compiled for the CPU's vector
+/// width, element-wise in a fixed order (no fused multiply-add), so every width gives the
+/// same bits.
+fn attend(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // Safety: the CPU has AVX-512F (checked above).
+            return unsafe { attend_avx512(q, parts, scale, o) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2 (checked above).
+            return unsafe { attend_avx2(q, parts, scale, o) };
         }
     }
-    let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
+    attend_body(q, parts, scale, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
+    attend_body(q, parts, scale, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
+    attend_body(q, parts, scale, o)
+}
+
+#[inline(always)]
+fn attend_body(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
+    let hd = q.len();
+    let n: usize = parts.iter().map(|(k, _)| k.len() / hd).sum();
+    thread_local! {
+        // One head's scores, reused: a fresh buffer per (row, head) costs its zeroing.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    s
+    SCORES.with_borrow_mut(|buf| {
+        if buf.len() < n {
+            buf.resize(n, 0.0);
+        }
+        scores_and_sum(q, parts, scale, &mut buf[..n], o)
+    })
+}
+
+#[inline(always)]
+fn scores_and_sum(
+    q: &[f32],
+    parts: [(&[f32], &[f32]); 2],
+    scale: f32,
+    p: &mut [f32],
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    // The scores are a one-row product with the keys: the product kernel's blocked dot
+    // products, in its fixed summation order.
+    let mut at = 0;
+    for (k, _) in parts {
+        let m = k.len() / hd;
+        matmul_nt(q, 1, hd, k, m, &mut p[at..at + m]);
+        at += m;
+    }
+    p.iter_mut().for_each(|s| *s *= scale);
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    p.iter_mut().for_each(|v| {
+        *v = (*v - max).exp();
+        sum += *v;
+    });
+    let inv = 1.0 / sum;
+    let values = parts.iter().flat_map(|(_, v)| v.chunks_exact(hd));
+    for (w, vv) in p.iter().zip(values) {
+        let w = w * inv;
+        o.iter_mut().zip(vv).for_each(|(o, v)| *o += w * v);
+    }
 }
 
 /// y = x / rms(x) · w per row of width w.len().
