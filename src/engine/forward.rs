@@ -50,7 +50,8 @@ impl Engine {
         ModelView::supports(model)
     }
 
-    /// A view of `model`'s weights (no copy; see `weights`).
+    /// A view of `model`'s weights (packed base weights cached with the model; see `weights`).
+    /// Build one per use: under full fine-tuning it holds the weights packed at that moment.
     pub fn new(model: &Llama) -> Result<Self> {
         let cfg = model.cfg.clone();
         let hd = cfg.head_dim;
@@ -190,9 +191,7 @@ impl Engine {
             if id >= head.out {
                 bail!("token id {id} is out of the head's range ({})", head.out);
             }
-            let mut row = with_f32(&head.weight, |w| w[id * d..(id + 1) * d].to_vec())?;
-            let mut y = [0f32];
-            super::kernels::matmul_nt(hidden, 1, d, &row, 1, &mut y);
+            let mut y = [head.weight.dot(&hidden[..d], id)];
             if let Some(b) = &head.bias {
                 y[0] += with_f32(b, |b| b[id])?;
             }
@@ -203,7 +202,7 @@ impl Engine {
                     super::kernels::matmul_nt(hidden, 1, d, a, r, &mut xa)
                 })?;
                 // The head's row of B is a column of Bᵀ: `lora_delta`'s arithmetic exactly.
-                row = with_f32(b, |b| b[id * r..(id + 1) * r].to_vec())?;
+                let row = with_f32(b, |b| b[id * r..(id + 1) * r].to_vec())?;
                 super::weights::lora_delta(&xa, &row, *scale, &mut y);
             }
             out.push(y[0]);

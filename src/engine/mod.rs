@@ -3,7 +3,9 @@
 //! `model::llama`, which stays the readable reference that tests hold this engine equal to.
 //!
 //! - `weights`: a no-copy view of a `Llama`'s tensors, LoRA applied unmerged;
-//! - `kernels`: the x·Wᵀ product (AVX2/FMA or portable), threads picked by work size;
+//! - `packed`: the x·Wᵀ product on weights repacked once per model into 32-output panels;
+//! - `kernels`: dot-product x·Wᵀ on unpacked matrices (attention scores, LoRA's A), threads
+//!   picked by work size;
 //! - `kv`: the preallocated KV cache written in place;
 //! - `forward`: the decoder over unpadded segments;
 //! - `decode`: batched generation with shared prompt prefixes;
@@ -12,6 +14,7 @@ pub mod decode;
 pub mod forward;
 pub mod kernels;
 pub mod kv;
+pub mod packed;
 pub mod score;
 pub mod weights;
 
@@ -20,8 +23,9 @@ pub use forward::{Engine, Segment};
 use crate::model::Llama;
 use std::borrow::Cow;
 
-/// The model to sample, judge and score with: `model` itself where the engine runs it (the
-/// engine reads the live weights in place, so no copy is made), a frozen snapshot elsewhere
+/// The model to sample, judge and score with: `model` itself where the engine runs it (each
+/// engine built on it reads the adapters live and the base from the model's packed copy),
+/// a frozen snapshot elsewhere
 /// (the reference path on other devices wants merged, graph-free weights).
 pub fn inference_model(model: &Llama) -> anyhow::Result<Cow<'_, Llama>> {
     Ok(if Engine::supports(model) {

@@ -1,14 +1,16 @@
-//! The frozen-weight view of a `Llama`: handles on the model's own tensors, read in place.
-//!
-//! The kernels take W in its stored [out, in] layout, so the view copies nothing: building it
-//! clones reference-counted handles, and it reads the live storage at each product. An adapter
-//! is applied unmerged (x·Aᵀ·Bᵀ·scale at rank r) from the `Var`s the optimiser updates in
-//! place, and full fine-tuning's in-place updates are seen the same way: an online run never
-//! copies the model to sample or judge with it.
+//! The frozen-weight view of a `Llama`: its base weights repacked once into the product
+//! kernel's panel layout (`PackCache`, kept with the model and shared by its clones), every
+//! other tensor read in place. An adapter is applied unmerged (x·Aᵀ·Bᵀ·scale at rank r) from
+//! the `Var`s the optimiser updates in place, so a LoRA run never copies or repacks the model
+//! to sample or judge with it; under full fine-tuning the trained weights are repacked for
+//! each engine.
 use super::kernels::{matmul_nt, parallel_for};
+use super::packed::{matmul_packed, Packed};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Result};
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor, TensorId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Borrows a contiguous f32 CPU tensor's values for the duration of `f`.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -24,9 +26,35 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&data[a..b]))
 }
 
+/// Panel-packed copies of a model's frozen weights (`packed::Packed`), made the first time an
+/// engine is built on the model and shared by its clones (πref is the policy without its
+/// adapter: the same base tensors, the same packs). A weight that is a trainable `Var` (full
+/// fine-tuning) changes in place between engines, so it is repacked for each engine instead.
+#[derive(Default)]
+pub struct PackCache(Mutex<HashMap<TensorId, Arc<Packed>>>);
+
+impl PackCache {
+    fn get(&self, w: &Tensor) -> Result<Arc<Packed>> {
+        let pack = || -> Result<Arc<Packed>> {
+            let (out, inp) = w.dims2()?;
+            with_f32(w, |v| Arc::new(Packed::new(v, out, inp)))
+        };
+        if w.is_variable() {
+            return pack();
+        }
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get(&w.id()) {
+            return Ok(p.clone());
+        }
+        let p = pack()?;
+        map.insert(w.id(), p.clone());
+        Ok(p)
+    }
+}
+
 /// A projection y = x Wᵀ + b (+ scale · x Aᵀ Bᵀ).
 pub struct LinearView {
-    pub weight: Tensor,
+    pub weight: Arc<Packed>,
     pub bias: Option<Tensor>,
     /// A [r, in], B [out, r], scale.
     pub lora: Option<(Tensor, Tensor, f32)>,
@@ -35,10 +63,10 @@ pub struct LinearView {
 }
 
 impl LinearView {
-    fn of(l: &crate::model::llama::Linear) -> Result<Self> {
+    fn of(l: &crate::model::llama::Linear, packs: &PackCache) -> Result<Self> {
         let (out, inp) = l.weight.dims2()?;
         Ok(Self {
-            weight: contiguous(&l.weight)?,
+            weight: packs.get(&contiguous(&l.weight)?)?,
             bias: l.bias.as_ref().map(contiguous).transpose()?,
             lora: l
                 .lora
@@ -56,9 +84,7 @@ impl LinearView {
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
         // The product overwrites every element: only a growing buffer is zeroed.
         y.resize(rows * self.out, 0.0);
-        with_f32(&self.weight, |w| {
-            matmul_nt(x, rows, self.inp, w, self.out, y)
-        })?;
+        matmul_packed(x, rows, &self.weight, y);
         if let Some(b) = &self.bias {
             with_f32(b, |b| {
                 for row in y.chunks_mut(self.out) {
@@ -193,28 +219,29 @@ impl ModelView {
     }
 
     pub fn of(model: &Llama) -> Result<Self> {
+        let packs = &model.packs;
         let mut layers = Vec::with_capacity(model.layers.len());
         for b in &model.layers {
             let a = &b.self_attn;
             layers.push(LayerView {
                 input_norm: contiguous(&b.input_layernorm)?,
-                q: LinearView::of(&a.q_proj)?,
-                k: LinearView::of(&a.k_proj)?,
-                v: LinearView::of(&a.v_proj)?,
-                o: LinearView::of(&a.o_proj)?,
+                q: LinearView::of(&a.q_proj, packs)?,
+                k: LinearView::of(&a.k_proj, packs)?,
+                v: LinearView::of(&a.v_proj, packs)?,
+                o: LinearView::of(&a.o_proj, packs)?,
                 post_norm: contiguous(&b.post_attention_layernorm)?,
-                gate: LinearView::of(&b.mlp.gate_proj)?,
-                up: LinearView::of(&b.mlp.up_proj)?,
-                down: LinearView::of(&b.mlp.down_proj)?,
+                gate: LinearView::of(&b.mlp.gate_proj, packs)?,
+                up: LinearView::of(&b.mlp.up_proj, packs)?,
+                down: LinearView::of(&b.mlp.down_proj, packs)?,
             });
         }
         let embed = contiguous(&model.embed_tokens)?;
         let head = match &model.lm_head {
-            Some(h) => LinearView::of(h)?,
+            Some(h) => LinearView::of(h, packs)?,
             None => {
                 let (out, inp) = embed.dims2()?;
                 LinearView {
-                    weight: embed.clone(),
+                    weight: packs.get(&embed)?,
                     bias: None,
                     lora: None,
                     out,

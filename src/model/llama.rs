@@ -367,6 +367,8 @@ pub struct Llama {
     /// (default) instead of the composed ops written out in this file.
     fused: bool,
     device: Device,
+    /// The inference engine's packed copies of the frozen weights, shared by clones.
+    pub(crate) packs: Arc<crate::engine::weights::PackCache>,
 }
 
 impl Llama {
@@ -469,6 +471,7 @@ impl Llama {
             frozen: false,
             fused: true,
             device,
+            packs: Arc::default(),
         })
     }
 
@@ -571,6 +574,12 @@ impl Llama {
             frozen: false,
             fused: self.fused,
             device: self.device.clone(),
+            // Same tensors (no copy), same packs; copied tensors get packed afresh.
+            packs: if copy {
+                Arc::default()
+            } else {
+                self.packs.clone()
+            },
         })
     }
 
