@@ -298,56 +298,49 @@ impl Engine {
 /// width, element-wise in a fixed order (no fused multiply-add), so every width gives the
 /// same bits.
 fn attend(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (checked above).
-            return unsafe { attend_avx512(q, parts, scale, o) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2 (checked above).
-            return unsafe { attend_avx2(q, parts, scale, o) };
-        }
-    }
-    attend_body(q, parts, scale, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
-    attend_body(q, parts, scale, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
-    attend_body(q, parts, scale, o)
-}
-
-#[inline(always)]
-fn attend_body(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
-    let hd = q.len();
-    let n: usize = parts.iter().map(|(k, _)| k.len() / hd).sum();
     thread_local! {
         // One head's scores, reused: a fresh buffer per (row, head) costs its zeroing.
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let n: usize = parts.iter().map(|(k, _)| k.len() / q.len()).sum();
     SCORES.with_borrow_mut(|buf| {
         if buf.len() < n {
             buf.resize(n, 0.0);
         }
-        scores_and_sum(q, parts, scale, &mut buf[..n], o)
+        let p = &mut buf[..n];
+        // The vector code lives in functions compiled for the CPU's features (a closure
+        // would not inherit them).
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // Safety: the CPU has AVX-512F (checked above).
+                return unsafe { attend_avx512(q, parts, scale, p, o) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // Safety: the CPU has AVX2 (checked above).
+                return unsafe { attend_avx2(q, parts, scale, p, o) };
+            }
+        }
+        scores_and_sum(q, parts, scale, p, o)
     })
 }
 
+type Parts<'a> = [(&'a [f32], &'a [f32]); 2];
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
+    scores_and_sum(q, parts, scale, p, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
+    scores_and_sum(q, parts, scale, p, o)
+}
+
 #[inline(always)]
-fn scores_and_sum(
-    q: &[f32],
-    parts: [(&[f32], &[f32]); 2],
-    scale: f32,
-    p: &mut [f32],
-    o: &mut [f32],
-) {
+fn scores_and_sum(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
     let hd = q.len();
     // The scores are a one-row product with the keys: the product kernel's blocked dot
     // products, in its fixed summation order.
@@ -374,7 +367,7 @@ fn scores_and_sum(
 
 /// y = x / rms(x) · w per row of width w.len().
 fn rms_norm(x: &[f32], w: &candle_core::Tensor, eps: f32, y: &mut Vec<f32>) -> Result<()> {
-    y.clear();
+    // Every element is overwritten: only a growing buffer is zeroed.
     y.resize(x.len(), 0.0);
     with_f32(w, |w| {
         let n = w.len();
