@@ -3,11 +3,14 @@
 //! shared prompt prefix in another cache). Sequences are never padded: prefill, decode steps
 //! and scoring are the same function with different segments, and every row's arithmetic is
 //! independent of the other rows in the batch.
-use super::kernels::{matmul_nt, parallel_for, MIN_WORK_PER_THREAD};
+use super::kernels::{matmul_nt_serial, parallel_for, MIN_WORK_PER_THREAD};
 use super::kv::KvCache;
+use super::math::exp;
 use super::weights::{with_f32, LinearView, ModelView};
 use crate::model::{Llama, ModelConfig};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// New tokens for one sequence.
 #[derive(Debug, Clone)]
@@ -29,6 +32,25 @@ pub struct Engine {
     pub cfg: ModelConfig,
     view: ModelView,
     inv_freq: Vec<f32>,
+    /// Activation buffers kept between forwards: a fresh [rows, FFN] buffer per call costs
+    /// the kernel's page faults and zeroing (7% of a judging run, on one thread).
+    buffers: Mutex<Vec<Vec<f32>>>,
+}
+
+/// Element-wise work (floats) worth splitting across threads.
+const ELEMENTWISE_PER_THREAD: usize = 1 << 16;
+
+/// `f(row of a, row of b)` for every row, in parallel when the rows are many: element-wise,
+/// so the result does not depend on the split.
+fn rows_zip(a: &mut [f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    if a.len() >= 2 * ELEMENTWISE_PER_THREAD && rayon::current_num_threads() > 1 {
+        let rows_per = (ELEMENTWISE_PER_THREAD / width.max(1)).max(1) * width.max(1);
+        a.par_chunks_mut(rows_per)
+            .zip(b.par_chunks(rows_per))
+            .for_each(|(a, b)| f(a, b));
+    } else {
+        f(a, b);
+    }
 }
 
 /// A raw pointer for tasks that write disjoint parts of one buffer.
@@ -63,6 +85,7 @@ impl Engine {
             view: ModelView::of(model)?,
             cfg,
             inv_freq,
+            buffers: Mutex::new(vec![]),
         })
     }
 
@@ -124,7 +147,13 @@ impl Engine {
             .enumerate()
             .flat_map(|(si, s)| (0..s.tokens.len()).map(move |i| (si, i)))
             .collect();
-        let mut x = vec![0f32; rows * d];
+        // Buffers from the pool (returned below); every one is overwritten before it is read.
+        let mut pool = std::mem::take(&mut *self.buffers.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut take = || pool.pop().unwrap_or_default();
+        let (mut x, mut h, mut q, mut k, mut v, mut a) =
+            (take(), take(), take(), take(), take(), take());
+        let (mut g, mut u, mut y) = (take(), take(), take());
+        x.resize(rows * d, 0.0);
         with_f32(&self.view.embed, |e| {
             for (r, &(si, i)) in row_of.iter().enumerate() {
                 let t = segs[si].tokens[i] as usize;
@@ -133,8 +162,6 @@ impl Engine {
         })?;
         let eps = c.rms_norm_eps as f32;
         let table = self.rope_table(segs, &row_of);
-        let (mut h, mut q, mut k, mut v, mut a) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut g, mut u, mut y) = (vec![], vec![], vec![]);
         for (li, layer) in self.view.layers.iter().enumerate() {
             rms_norm(&x, &layer.input_norm, eps, &mut h)?;
             layer.q.forward(&h, rows, &mut q)?;
@@ -151,19 +178,19 @@ impl Engine {
             }
             self.attention(li, &q, segs, &row_of, cache, shared, &mut a);
             layer.o.forward(&a, rows, &mut y)?;
-            x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+            rows_zip(&mut x, &y, d, add);
             rms_norm(&x, &layer.post_norm, eps, &mut h)?;
             layer.gate.forward(&h, rows, &mut g)?;
             layer.up.forward(&h, rows, &mut u)?;
             // SwiGLU in place: g ← silu(g) · u.
-            g.iter_mut()
-                .zip(&u)
-                .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            rows_zip(&mut g, &u, c.intermediate_size, super::math::silu_mul);
             layer.down.forward(&g, rows, &mut y)?;
-            x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+            rows_zip(&mut x, &y, d, add);
         }
         let mut out = vec![];
         rms_norm(&x, &self.view.norm, eps, &mut out)?;
+        let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        pool.extend([x, h, q, k, v, a, g, u, y]);
         Ok(out)
     }
 
@@ -267,61 +294,98 @@ impl Engine {
             s.prefix.map_or(0, |p| p.1) + s.start + i + 1
         };
         let work: usize = (0..rows).map(ctx_of).sum::<usize>() * h * hd * 2;
+        // Units of up to ATTENTION_ROWS consecutive rows of one segment and one head: their
+        // scores are one product with the keys (rows of a prefill share them).
+        let mut blocks = vec![];
+        let mut r = 0;
+        for s in segs {
+            for i0 in (0..s.tokens.len()).step_by(ATTENTION_ROWS) {
+                let n = (s.tokens.len() - i0).min(ATTENTION_ROWS);
+                blocks.push((r + i0, n));
+            }
+            r += s.tokens.len();
+        }
         let op = OutPtr(out.as_mut_ptr());
         let unit = |u: usize| {
-            let (r, head) = (u / h, u % h);
-            let (si, i) = row_of[r];
+            let ((r0, n), head) = (blocks[u / h], u % h);
+            let (si, i0) = row_of[r0];
             let s = &segs[si];
             let g = head / n_rep;
-            let qv = &q[(r * h + head) * hd..(r * h + head + 1) * hd];
-            let own = s.start + i + 1;
             let (pk, pv) = match (s.prefix, shared) {
                 (Some((ps, pl)), Some(sh)) => sh.head(layer, ps, g, pl),
                 _ => (&[][..], &[][..]),
             };
-            let (ok, ov) = cache.head(layer, s.slot, g, own);
-            // Safety: each unit owns the (row, head) slice it writes.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.at((r * h + head) * hd), hd) };
-            attend(qv, [(pk, pv), (ok, ov)], scale, o);
+            let own0 = s.start + i0 + 1;
+            let (ok, ov) = cache.head(layer, s.slot, g, own0 + n - 1);
+            let qs = |j: usize| &q[((r0 + j) * h + head) * hd..((r0 + j) * h + head + 1) * hd];
+            // Safety: each unit owns the (row, head) slices it writes.
+            let o = |j: usize| unsafe {
+                std::slice::from_raw_parts_mut(op.at(((r0 + j) * h + head) * hd), hd)
+            };
+            attend(n, qs, [(pk, pv), (ok, ov)], own0, scale, o);
         };
-        // Parallel over (row, head) units only when the work pays for the threads.
+        // Parallel over (block, head) units only when the work pays for the threads.
+        let units = blocks.len() * h;
         if work < MIN_WORK_PER_THREAD {
-            (0..rows * h).for_each(unit);
+            (0..units).for_each(unit);
         } else {
-            parallel_for(rows * h, work, unit);
+            parallel_for(units, work, unit);
         }
     }
 }
 
-/// o = softmax(q·kᵀ · scale) · v over the keys and values of `parts` in order, for one query
-/// head. The scores come from the product kernel; the rest is compiled for the CPU's vector
-/// width, element-wise in a fixed order (no fused multiply-add), so every width gives the
-/// same bits.
-fn attend(q: &[f32], parts: [(&[f32], &[f32]); 2], scale: f32, o: &mut [f32]) {
+/// Query rows of one segment whose attention scores are computed as one product.
+const ATTENTION_ROWS: usize = 16;
+
+/// For rows j < n of one segment and one query head: o(j) = softmax(q(j)·kᵀ · scale) · v over
+/// the shared prefix `parts[0]` and the first `own0 + j` positions of the segment's own
+/// `parts[1]` (causal). The scores of all n rows are one product of the product kernel (each
+/// score's arithmetic is the same whatever the block, so a row's result is too); the rest is
+/// compiled for the CPU's vector width, element-wise in a fixed order (no fused
+/// multiply-add), so every width gives the same bits.
+fn attend<'o>(
+    n: usize,
+    qs: impl Fn(usize) -> &'o [f32],
+    parts: Parts,
+    own0: usize,
+    scale: f32,
+    o: impl Fn(usize) -> &'o mut [f32],
+) {
     thread_local! {
-        // One head's scores, reused: a fresh buffer per (row, head) costs its zeroing.
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        // Scores and gathered queries, reused: fresh buffers per unit cost their zeroing.
+        static BUF: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    let n: usize = parts.iter().map(|(k, _)| k.len() / q.len()).sum();
-    SCORES.with_borrow_mut(|buf| {
-        if buf.len() < n {
-            buf.resize(n, 0.0);
-        }
-        let p = &mut buf[..n];
-        // The vector code lives in functions compiled for the CPU's features (a closure
-        // would not inherit them).
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // Safety: the CPU has AVX-512F (checked above).
-                return unsafe { attend_avx512(q, parts, scale, p, o) };
+    let hd = qs(0).len();
+    let (pl, ol) = (parts[0].0.len() / hd, parts[1].0.len() / hd);
+    BUF.with_borrow_mut(|(scores, qb)| {
+        qb.clear();
+        (0..n).for_each(|j| qb.extend_from_slice(qs(j)));
+        scores.resize(n * (pl + ol), 0.0);
+        let (sp, so) = scores.split_at_mut(n * pl);
+        matmul_nt_serial(qb, n, hd, parts[0].0, pl, sp);
+        matmul_nt_serial(qb, n, hd, parts[1].0, ol, so);
+        for j in 0..n {
+            let own = own0 + j;
+            let row = [&mut sp[j * pl..(j + 1) * pl], &mut so[j * ol..j * ol + own]];
+            let values = [parts[0].1, &parts[1].1[..own * hd]];
+            // The vector code lives in functions compiled for the CPU's features (a closure
+            // would not inherit them).
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    // Safety: the CPU has AVX-512F (checked above).
+                    unsafe { softmax_sum_avx512(row, values, scale, o(j)) };
+                    continue;
+                }
+                if is_x86_feature_detected!("avx2") {
+                    // Safety: the CPU has AVX2 (checked above).
+                    unsafe { softmax_sum_avx2(row, values, scale, o(j)) };
+                    continue;
+                }
             }
-            if is_x86_feature_detected!("avx2") {
-                // Safety: the CPU has AVX2 (checked above).
-                return unsafe { attend_avx2(q, parts, scale, p, o) };
-            }
+            softmax_sum(row, values, scale, o(j));
         }
-        scores_and_sum(q, parts, scale, p, o)
     })
 }
 
@@ -329,40 +393,64 @@ type Parts<'a> = [(&'a [f32], &'a [f32]); 2];
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
-    scores_and_sum(q, parts, scale, p, o)
+unsafe fn softmax_sum_avx512(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
+    softmax_sum(p, v, scale, o)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
-    scores_and_sum(q, parts, scale, p, o)
+unsafe fn softmax_sum_avx2(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
+    softmax_sum(p, v, scale, o)
 }
 
+/// o += softmax(scores · scale) · values, the scores and values in two parts, in order.
 #[inline(always)]
-fn scores_and_sum(q: &[f32], parts: Parts, scale: f32, p: &mut [f32], o: &mut [f32]) {
-    let hd = q.len();
-    // The scores are a one-row product with the keys: the product kernel's blocked dot
-    // products, in its fixed summation order.
-    let mut at = 0;
-    for (k, _) in parts {
-        let m = k.len() / hd;
-        matmul_nt(q, 1, hd, k, m, &mut p[at..at + m]);
-        at += m;
-    }
-    p.iter_mut().for_each(|s| *s *= scale);
-    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+fn softmax_sum(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
+    let hd = o.len();
+    let [p0, p1] = p;
+    p0.iter_mut().chain(p1.iter_mut()).for_each(|s| *s *= scale);
+    let max = p0
+        .iter()
+        .chain(p1.iter())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
-    p.iter_mut().for_each(|v| {
-        *v = (*v - max).exp();
-        sum += *v;
-    });
+    p0.iter_mut()
+        .chain(p1.iter_mut())
+        .for_each(|x| *x = exp(*x - max));
+    p0.iter().chain(p1.iter()).for_each(|x| sum += x);
     let inv = 1.0 / sum;
-    let values = parts.iter().flat_map(|(_, v)| v.chunks_exact(hd));
-    for (w, vv) in p.iter().zip(values) {
-        let w = w * inv;
-        o.iter_mut().zip(vv).for_each(|(o, v)| *o += w * v);
+    p0.iter_mut().chain(p1.iter_mut()).for_each(|w| *w *= inv);
+    // o += Σ_k w_k · v_k, each element summed over k in order. Blocks of 64 elements are
+    // accumulated in registers across all keys (a loop over keys per element block, instead
+    // of a read and write of o per key).
+    let mut e0 = 0;
+    while e0 < hd {
+        let width = (hd - e0).min(64);
+        let mut acc = [0f32; 64];
+        acc[..width].copy_from_slice(&o[e0..e0 + width]);
+        for (part, vals) in [(&*p0, v[0]), (&*p1, v[1])] {
+            for (w, vv) in part.iter().zip(vals.chunks_exact(hd)) {
+                if width == 64 {
+                    let vv: &[f32; 64] = vv[e0..e0 + 64].try_into().expect("64 lanes");
+                    for l in 0..64 {
+                        acc[l] += w * vv[l];
+                    }
+                } else {
+                    for l in 0..width {
+                        acc[l] += w * vv[e0 + l];
+                    }
+                }
+            }
+        }
+        o[e0..e0 + width].copy_from_slice(&acc[..width]);
+        e0 += width;
     }
+}
+
+/// x += y, element-wise.
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
 /// y = x / rms(x) · w per row of width w.len().
@@ -371,12 +459,14 @@ fn rms_norm(x: &[f32], w: &candle_core::Tensor, eps: f32, y: &mut Vec<f32>) -> R
     y.resize(x.len(), 0.0);
     with_f32(w, |w| {
         let n = w.len();
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
-                *o = x * inv * w;
+        rows_zip(y, x, n, |y, x| {
+            for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for ((o, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = x * inv * w;
+                }
             }
-        }
+        })
     })
 }

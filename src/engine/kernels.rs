@@ -54,13 +54,30 @@ unsafe impl Sync for OutPtr {}
 
 /// y [rows, out] = x [rows, inp] · w[out, inp]ᵀ (overwriting y).
 pub fn matmul_nt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &mut [f32]) {
+    matmul_nt_threads(x, rows, inp, w, out, y, threads_for(rows * inp * out));
+}
+
+/// `matmul_nt` on the calling thread only: for callers inside a parallel task that hold
+/// per-thread state (rayon could otherwise run another of their tasks while this one waits).
+pub fn matmul_nt_serial(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &mut [f32]) {
+    matmul_nt_threads(x, rows, inp, w, out, y, 1);
+}
+
+fn matmul_nt_threads(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    y: &mut [f32],
+    threads: usize,
+) {
     assert_eq!(x.len(), rows * inp, "matmul_nt: x has the wrong size");
     assert_eq!(w.len(), out * inp, "matmul_nt: w has the wrong size");
     assert_eq!(y.len(), rows * out, "matmul_nt: y has the wrong size");
     if rows == 0 || out == 0 {
         return;
     }
-    let threads = threads_for(rows * inp * out);
     let yp = OutPtr(y.as_mut_ptr());
     let avx = isa();
     let run = move |r0: usize, r1: usize, o0: usize, o1: usize| {

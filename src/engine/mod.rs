@@ -7,6 +7,7 @@
 //! - `kernels`: dot-product x·Wᵀ on unpacked matrices (attention scores, LoRA's A), threads
 //!   picked by work size;
 //! - `kv`: the preallocated KV cache written in place;
+//! - `math`: a vectorisable exp (softmax, SwiGLU);
 //! - `forward`: the decoder over unpadded segments;
 //! - `decode`: batched generation with shared prompt prefixes;
 //! - `score`: judge answer logits and response log-probabilities.
@@ -14,6 +15,7 @@ pub mod decode;
 pub mod forward;
 pub mod kernels;
 pub mod kv;
+pub mod math;
 pub mod packed;
 pub mod score;
 pub mod weights;
