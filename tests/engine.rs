@@ -236,6 +236,42 @@ fn response_logps_equal_the_reference() {
     }
 }
 
+/// Responses to one prompt (the K samples of an online iteration): the prompt runs once for
+/// all of them, and each sum is exactly what the sequence gets alone.
+#[test]
+fn response_logps_with_a_shared_prompt_equal_scoring_alone() {
+    for name in FIXTURES {
+        let model = load(name, lora());
+        randomise_adapter(&model, 13);
+        let inp = inputs(name);
+        let prompt: Vec<u32> = inp[0].iter().chain(&inp[1][..3]).copied().collect();
+        let seqs: Vec<Vec<u32>> = inp
+            .iter()
+            .map(|s| prompt.iter().chain(&s[s.len() - 5..]).copied().collect())
+            .collect();
+        let masks: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| (0..s.len()).map(|j| j >= prompt.len()).collect())
+            .collect();
+        let engine = Engine::new(&model).unwrap();
+        let got = score::sequence_logps(&engine, &seqs, &masks).unwrap();
+        let want = model
+            .sequence_logps(&seqs, &masks)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{name}: {g} vs {w}");
+            let alone = score::sequence_logps(&engine, &seqs[i..=i], &masks[i..=i]).unwrap();
+            assert_eq!(
+                alone[0].to_bits(),
+                g.to_bits(),
+                "{name}: sequence {i} alone"
+            );
+        }
+    }
+}
+
 /// Greedy tokens from the reference path (the autograd model, `Decoder`'s cache).
 fn reference_greedy(model: &Llama, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     let (mut dec, mut logits) = Decoder::prefill(model, prompts).unwrap();

@@ -6,6 +6,7 @@
 use super::forward::{Engine, Segment};
 use super::kv::KvCache;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// Tokens per forward when scoring: bounds the activations.
 const SCORE_TOKENS: usize = 8192;
@@ -14,19 +15,9 @@ const SCORE_TOKENS: usize = 8192;
 const HEAD_ROWS: usize = 32;
 
 /// Runs `seqs` in batches of at most `batch` sequences and `SCORE_TOKENS` tokens (a longer
-/// sequence runs alone), calling `f(first index, hidden [tokens, d])` per batch.
-fn batched(
-    engine: &Engine,
-    seqs: &[&[u32]],
-    batch: usize,
-    f: impl FnMut(usize, &[f32]) -> Result<()>,
-) -> Result<()> {
-    batched_after(engine, seqs, &vec![None; seqs.len()], None, batch, f)
-}
-
-/// `batched` where sequence i's first tokens may already sit in `shared` (`prefix[i]` =
-/// (slot, length)): only the rest of it runs, attending to that prefix first. The hidden
-/// states passed to `f` are those of the rest only.
+/// sequence runs alone), calling `f(first index, hidden)` per batch. Sequence i's first
+/// tokens may already sit in `shared` (`prefix[i]` = (slot, length)): only the rest of it
+/// runs, attending to that prefix first, and `f` gets the hidden states of the rest only.
 fn batched_after(
     engine: &Engine,
     seqs: &[&[u32]],
@@ -154,23 +145,29 @@ fn prefill_prefixes(
     Ok(cache)
 }
 
-/// p_AB = σ(ℓ_a − ℓ_b) at the last position of each judge prompt, `batch` prompts per
-/// forward. Prefixes shared by several prompts are computed once (`prefix_groups`), a chunk
-/// of groups at a time; every prompt's value is exactly what it is judged alone, since each
-/// row's arithmetic is independent of the batch and of where its keys were computed.
-pub fn p_ab(
+/// Runs every sequence, computing prefixes shared by several of them once (`prefix_groups`
+/// on `seqs[i][..limit[i]]`, so at most limit[i] − 1 tokens of sequence i are shared), a chunk
+/// of groups at a time, `batch` sequences per forward; calls `f(i, skip, hidden)` with the
+/// hidden states [len − skip, d] of sequence i's positions from `skip` on. A sequence's values
+/// are exactly those it gets alone: each row's arithmetic is independent of the batch and of
+/// where its keys were computed.
+fn with_shared_prefixes(
     engine: &Engine,
-    prompts: &[Vec<u32>],
-    answers: (u32, u32),
+    seqs: &[&[u32]],
+    limit: &[usize],
     batch: usize,
-) -> Result<Vec<f64>> {
+    mut f: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+) -> Result<()> {
     let d = engine.cfg.hidden_size;
-    let seqs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
         bail!("sequence {i} is empty");
     }
-    let groups = prefix_groups(&seqs);
-    let mut out = vec![f64::NAN; prompts.len()];
+    let heads: Vec<&[u32]> = seqs
+        .iter()
+        .zip(limit)
+        .map(|(s, &l)| &s[..l.clamp(1, s.len())])
+        .collect();
+    let groups = prefix_groups(&heads);
     let mut g0 = 0;
     while g0 < groups.len() {
         // As many groups as the prefix cache's budget holds (at least one).
@@ -181,7 +178,7 @@ pub fn p_ab(
             g1 += 1;
         }
         let chunk = &groups[g0..g1];
-        let cache = prefill_prefixes(engine, &seqs, chunk)?;
+        let cache = prefill_prefixes(engine, seqs, chunk)?;
         let mut idx = vec![];
         let mut prefix = vec![];
         for (slot, (members, len)) in chunk.iter().enumerate() {
@@ -191,6 +188,7 @@ pub fn p_ab(
             }
         }
         let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i]).collect();
+        let skip = |j: usize| prefix[j].map_or(0, |p: (usize, usize)| p.1);
         batched_after(
             engine,
             &sub,
@@ -198,22 +196,43 @@ pub fn p_ab(
             Some(&cache),
             batch.max(1),
             |j0, h| {
-                let mut end = 0;
+                let mut start = 0;
                 for j in j0..sub.len() {
-                    if end >= h.len() / d {
+                    if start >= h.len() / d {
                         break;
                     }
-                    end += sub[j].len() - prefix[j].map_or(0, |p| p.1);
-                    let l =
-                        engine.logits_of(&h[(end - 1) * d..end * d], &[answers.0, answers.1])?;
-                    let diff = (l[0] - l[1]) as f64;
-                    out[idx[j]] = 1.0 / (1.0 + (-diff).exp());
+                    let end = start + sub[j].len() - skip(j);
+                    f(idx[j], skip(j), &h[start * d..end * d])?;
+                    start = end;
                 }
                 Ok(())
             },
         )?;
         g0 = g1;
     }
+    Ok(())
+}
+
+/// p_AB = σ(ℓ_a − ℓ_b) at the last position of each judge prompt, `batch` prompts per
+/// forward, shared prefixes (the template's head and the task prompt; in the second order,
+/// the same first response too) computed once.
+pub fn p_ab(
+    engine: &Engine,
+    prompts: &[Vec<u32>],
+    answers: (u32, u32),
+    batch: usize,
+) -> Result<Vec<f64>> {
+    let d = engine.cfg.hidden_size;
+    let seqs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let limit: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+    let mut out = vec![f64::NAN; prompts.len()];
+    with_shared_prefixes(engine, &seqs, &limit, batch, |i, _, h| {
+        let last = &h[h.len() - d..];
+        let l = engine.logits_of(last, &[answers.0, answers.1])?;
+        let diff = (l[0] - l[1]) as f64;
+        out[i] = 1.0 / (1.0 + (-diff).exp());
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -244,37 +263,35 @@ pub fn sequence_logps(engine: &Engine, seqs: &[Vec<u32>], masks: &[Vec<bool>]) -
     }
     let (d, vocab) = (engine.cfg.hidden_size, engine.cfg.vocab_size);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let mut out = Vec::with_capacity(seqs.len());
-    batched(engine, &refs, usize::MAX, |i0, h| {
-        // (row in h, target token) for every scored position of this batch.
-        let mut wanted: Vec<(usize, usize, u32)> = vec![];
-        let mut row = 0;
-        let mut n = 0;
-        for (i, s) in seqs[i0..].iter().enumerate() {
-            if row >= h.len() / d {
-                break;
-            }
-            for j in 1..s.len() {
-                if masks[i0 + i][j] {
-                    wanted.push((i, row + j - 1, s[j]));
-                }
-            }
-            row += s.len();
-            n += 1;
-        }
-        let mut sums = vec![0f32; n];
-        let mut logits = vec![];
+    // A prompt shared by several sequences (the K samples of one prompt) runs once: up to the
+    // position before the first scored token, whose hidden state predicts it.
+    let limit: Vec<usize> = masks
+        .iter()
+        .map(|m| m.iter().skip(1).position(|&b| b).map_or(m.len(), |j| j + 1))
+        .collect();
+    let mut out = vec![0f32; seqs.len()];
+    let mut logits = vec![];
+    with_shared_prefixes(engine, &refs, &limit, usize::MAX, |i, skip, h| {
+        // (row of h, target token) for every scored position.
+        let wanted: Vec<(usize, u32)> = ((skip + 1)..seqs[i].len())
+            .filter(|&j| masks[i][j])
+            .map(|j| (j - 1 - skip, seqs[i][j]))
+            .collect();
+        let mut hid = Vec::with_capacity(HEAD_ROWS * d);
         for chunk in wanted.chunks(HEAD_ROWS) {
-            let mut hid = Vec::with_capacity(chunk.len() * d);
-            for &(_, r, _) in chunk {
+            hid.clear();
+            for &(r, _) in chunk {
                 hid.extend_from_slice(&h[r * d..(r + 1) * d]);
             }
             engine.logits_into(&hid, chunk.len(), &mut logits)?;
-            for (k, &(i, _, t)) in chunk.iter().enumerate() {
-                sums[i] += token_logprob(&logits[k * vocab..(k + 1) * vocab], t);
-            }
+            let lps: Vec<f32> = logits
+                .par_chunks(vocab)
+                .zip(chunk.par_iter())
+                .map(|(row, &(_, t))| token_logprob(row, t))
+                .collect();
+            // In position order, as a sequential sum over the sequence.
+            lps.iter().for_each(|lp| out[i] += lp);
         }
-        out.extend(sums);
         Ok(())
     })?;
     Ok(out)
