@@ -152,7 +152,7 @@ fn fused_log_probabilities_equal_log_softmax_and_gather() {
     }
     let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
     let target = Tensor::from_vec(target, (n, 1), &Device::Cpu).unwrap();
-    let fused = |x: &[Tensor]| fast::target_logprobs(&x[0], &x[1], &selected).unwrap();
+    let fused = |x: &[Tensor]| fast::target_logprobs(&x[0], &x[1], &selected, None).unwrap();
     let composed = |x: &[Tensor]| {
         let logits = x[0].matmul(&x[1].t().unwrap()).unwrap();
         let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
@@ -166,16 +166,51 @@ fn fused_log_probabilities_equal_log_softmax_and_gather() {
         assert!(rel(gf, &gc) < 1e-5, "gradients differ by {}", rel(gf, &gc));
     }
     let small: Vec<(usize, u32)> = selected.iter().copied().filter(|p| p.0 < 12).collect();
-    let f_small = |x: &[Tensor]| fast::target_logprobs(&x[0], &x[1], &small).unwrap();
+    let f_small = |x: &[Tensor]| fast::target_logprobs(&x[0], &x[1], &small, None).unwrap();
     let xs_small = [xs[0].narrow(0, 0, 12).unwrap(), xs[1].clone()];
     finite_differences(&xs_small, &f_small, &r.narrow(0, 0, 12).unwrap());
+}
+
+/// A frozen head takes the packed-kernel path: values and dh equal the composed ops.
+#[test]
+fn fused_log_probabilities_with_a_frozen_head_equal_the_composed_ops() {
+    let (n, d, vocab) = (150, 24, 301);
+    let w = randn(&[vocab, d], 16, 0.5); // a constant: packed once
+    let selected: Vec<(usize, u32)> = (0..n)
+        .filter(|i| i % 4 != 2)
+        .map(|i| (i, ((i * 104_729) % vocab) as u32))
+        .collect();
+    let mut mask = vec![0f32; n];
+    let mut target = vec![0u32; n];
+    for &(i, y) in &selected {
+        mask[i] = 1.0;
+        target[i] = y;
+    }
+    let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
+    let target = Tensor::from_vec(target, (n, 1), &Device::Cpu).unwrap();
+    let fused = |x: &[Tensor]| fast::target_logprobs(&x[0], &w, &selected, None).unwrap();
+    let composed = |x: &[Tensor]| {
+        let logits = x[0].matmul(&w.t().unwrap()).unwrap();
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        (lp.gather(&target, 1).unwrap().squeeze(1).unwrap() * &mask).unwrap()
+    };
+    let xs = [randn(&[n, d], 15, 1.0)];
+    let (a, e) = (fused(&xs), composed(&xs));
+    assert!(rel(&a, &e) < 1e-5, "values differ by {}", rel(&a, &e));
+    let r = randn(&[n], 17, 1.0);
+    let (gf, gc) = (grads(&xs, &fused, &r), grads(&xs, &composed, &r));
+    assert!(
+        rel(&gf[0], &gc[0]) < 1e-5,
+        "dh differs by {}",
+        rel(&gf[0], &gc[0])
+    );
 }
 
 #[test]
 fn a_frozen_head_gets_no_gradient_from_the_fused_log_probabilities() {
     let h = Var::from_tensor(&randn(&[5, 8], 8, 1.0)).unwrap();
     let w = randn(&[11, 8], 9, 1.0); // a constant, as a LoRA model's head is
-    let lp = fast::target_logprobs(h.as_tensor(), &w, &[(0, 3), (4, 10)]).unwrap();
+    let lp = fast::target_logprobs(h.as_tensor(), &w, &[(0, 3), (4, 10)], None).unwrap();
     let g = lp.sum_all().unwrap().backward().unwrap();
     assert!(g.get(&w).is_none());
     assert!(max_abs_value(g.get(h.as_tensor()).unwrap()) > 0.0);
@@ -206,7 +241,7 @@ fn fused_lora_linear_equals_the_composed_layer() {
         randn(&[3, 10], 22, 0.5),
         randn(&[7, 3], 23, 0.5),
     ];
-    let fused = |x: &[Tensor]| fast::lora_linear(&x[0], &w, &x[1], &x[2], 1.5).unwrap();
+    let fused = |x: &[Tensor]| fast::lora_linear(&x[0], &w, &x[1], &x[2], 1.5, None).unwrap();
     let composed = |x: &[Tensor]| {
         let base = x[0].matmul(&w.t().unwrap()).unwrap();
         let delta = x[0]
@@ -223,7 +258,7 @@ fn fused_lora_linear_equals_the_composed_layer() {
     }
     finite_differences(&xs, &fused, &r);
     assert!(
-        fast::lora_linear(&xs[0], &w, &xs[1], &w, 1.0).is_err(),
+        fast::lora_linear(&xs[0], &w, &xs[1], &w, 1.0, None).is_err(),
         "B of the wrong shape"
     );
 }

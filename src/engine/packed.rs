@@ -52,6 +52,35 @@ impl Packed {
         Self { data, out, inp }
     }
 
+    /// Packs Wᵀ for `w` [rows, cols] (row-major): products with it are x [·, rows] · W, the
+    /// input gradient of a layer whose forward is x · Wᵀ. A panel's k-th line is 32
+    /// consecutive elements of W's row k, so this is a strided copy.
+    pub fn transposed(w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            rows * cols,
+            "Packed::transposed: w has the wrong size"
+        );
+        let (out, inp) = (cols, rows);
+        let panels = out.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * inp * PANEL];
+        let fill = |(p, panel): (usize, &mut [f32])| {
+            let width = PANEL.min(out - p * PANEL);
+            for k in 0..inp {
+                panel[k * PANEL..k * PANEL + width]
+                    .copy_from_slice(&w[k * cols + p * PANEL..k * cols + p * PANEL + width]);
+            }
+        };
+        if panels > 1 && out * inp >= 1 << 20 {
+            data.par_chunks_mut(inp * PANEL).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(inp * PANEL.max(1))
+                .enumerate()
+                .for_each(fill);
+        }
+        Self { data, out, inp }
+    }
+
     fn panel(&self, p: usize) -> &[f32] {
         &self.data[p * self.inp * PANEL..(p + 1) * self.inp * PANEL]
     }
@@ -357,6 +386,28 @@ mod tests {
                     alone,
                     y[r * out..(r + 1) * out],
                     "row {r} alone ({rows}×{inp}×{out})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_transposed_packing_multiplies_by_w() {
+        let (m, rows, cols) = (7, 45, 70);
+        let w = data(rows * cols, 5);
+        let g = data(m * rows, 6);
+        let wt = Packed::transposed(&w, rows, cols);
+        let mut y = vec![f32::NAN; m * cols];
+        matmul_packed(&g, m, &wt, &mut y);
+        for i in 0..m {
+            for c in 0..cols {
+                let want: f64 = (0..rows)
+                    .map(|k| g[i * rows + k] as f64 * w[k * cols + c] as f64)
+                    .sum();
+                let got = y[i * cols + c] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{got} vs {want}"
                 );
             }
         }

@@ -31,23 +31,40 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// adapter: the same base tensors, the same packs). A weight that is a trainable `Var` (full
 /// fine-tuning) changes in place between engines, so it is repacked for each engine instead.
 #[derive(Default)]
-pub struct PackCache(Mutex<HashMap<TensorId, Arc<Packed>>>);
+pub struct PackCache(Mutex<HashMap<(TensorId, bool), Arc<Packed>>>);
 
 impl PackCache {
-    fn get(&self, w: &Tensor) -> Result<Arc<Packed>> {
+    /// W [out, in] packed for products x · Wᵀ.
+    pub fn get(&self, w: &Tensor) -> Result<Arc<Packed>> {
+        self.packed(w, false)
+    }
+
+    /// Wᵀ packed for products g · W (a frozen layer's input gradient in training).
+    pub fn get_t(&self, w: &Tensor) -> Result<Arc<Packed>> {
+        self.packed(w, true)
+    }
+
+    fn packed(&self, w: &Tensor, transposed: bool) -> Result<Arc<Packed>> {
         let pack = || -> Result<Arc<Packed>> {
             let (out, inp) = w.dims2()?;
-            with_f32(w, |v| Arc::new(Packed::new(v, out, inp)))
+            with_f32(w, |v| {
+                Arc::new(if transposed {
+                    Packed::transposed(v, out, inp)
+                } else {
+                    Packed::new(v, out, inp)
+                })
+            })
         };
         if w.is_variable() {
             return pack();
         }
+        let key = (w.id(), transposed);
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = map.get(&w.id()) {
+        if let Some(p) = map.get(&key) {
             return Ok(p.clone());
         }
         let p = pack()?;
-        map.insert(w.id(), p.clone());
+        map.insert(key, p.clone());
         Ok(p)
     }
 }

@@ -147,26 +147,32 @@ pub struct Linear {
     pub lora: Option<LoraLayer>,
 }
 
+/// Whether a forward uses the fused kernels of `model::fast`: Some(the model's packed
+/// weights) when it does.
+type Fused<'a> = Option<&'a crate::engine::weights::PackCache>;
+
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, false)
+        self.forward_with(x, None)
     }
 
-    /// `forward`; `fused` lets a LoRA layer on a frozen CPU f32 base run as one op
-    /// (`fast::lora_linear`, same maths) when its dropout is off.
-    fn forward_with(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+    /// `forward`; `fused` (the model's packed weights) lets a LoRA layer on a frozen CPU f32
+    /// base run as one op (`fast::lora_linear`, same maths) when its dropout is off.
+    fn forward_with(&self, x: &Tensor, fused: Fused) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
         let one_op = match &self.lora {
-            Some(l) if fused && self.weight_t.is_none() && !self.weight.is_variable() => {
+            Some(l) if fused.is_some() && self.weight_t.is_none() && !self.weight.is_variable() => {
                 !l.dropout_active() && fast::applies(&self.weight)
             }
             _ => false,
         };
         let y = match (&self.lora, &self.weight_t) {
-            (Some(l), _) if one_op => fast::lora_linear(&x2, &self.weight, &l.a, &l.b, l.scale)?,
+            (Some(l), _) if one_op => {
+                fast::lora_linear(&x2, &self.weight, &l.a, &l.b, l.scale, fused)?
+            }
             (_, Some(wt)) => x2.matmul(wt)?,
             // Constant weights get no gradient computed (candle would compute one anyway).
             _ if !self.weight.is_variable() => frozen_linear(&x2, &self.weight)?,
@@ -252,7 +258,7 @@ impl Attention {
         sin: &Tensor,
         bias: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        fused: bool,
+        fused: Fused,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -273,9 +279,9 @@ impl Attention {
             .transpose(1, 2)?;
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
-        if fused && cache.is_none() {
+        if fused.is_some() && cache.is_none() {
             let y = fast::attention(&q, &k, &v, bias, 1.0 / (hd as f32).sqrt())?;
-            return self.o_proj.forward_with(&y.reshape((b, t, h * hd))?, true);
+            return self.o_proj.forward_with(&y.reshape((b, t, h * hd))?, fused);
         }
         let mut v = v.contiguous()?;
         if let Some(cache) = cache {
@@ -308,13 +314,13 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
-        if fused {
+    fn forward(&self, x: &Tensor, fused: Fused) -> Result<Tensor> {
+        if fused.is_some() {
             let y = fast::swiglu(
-                &self.gate_proj.forward_with(x, true)?,
-                &self.up_proj.forward_with(x, true)?,
+                &self.gate_proj.forward_with(x, fused)?,
+                &self.up_proj.forward_with(x, fused)?,
             )?;
-            return self.down_proj.forward_with(&y, true);
+            return self.down_proj.forward_with(&y, fused);
         }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
@@ -698,7 +704,7 @@ impl Llama {
         }
         let eps = self.cfg.rms_norm_eps;
         // Cached decoding keeps the composed ops (its steps must equal the full forward).
-        let fused = self.fused && cache.is_none() && fast::applies(&x);
+        let fused = (self.fused && cache.is_none() && fast::applies(&x)).then_some(&*self.packs);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
@@ -797,8 +803,8 @@ impl Llama {
                     }
                 }
             }
-            let per_token =
-                fast::target_logprobs(&h, w, &selected)?.reshape((seqs.len(), t - 1))?;
+            let per_token = fast::target_logprobs(&h, w, &selected, Some(&self.packs))?
+                .reshape((seqs.len(), t - 1))?;
             return Ok((per_token.sum(1)?, per_token));
         }
         let logits = self.forward(&batch)?.narrow(1, 0, t - 1)?;

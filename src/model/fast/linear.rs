@@ -2,15 +2,30 @@
 //!
 //! Composed from candle ops the same layer is five graph nodes (base product, two adapter
 //! products, the scale, the sum), and candle's backward pays a zero-filled buffer and an
-//! addition for every edge it walks, most of them [rows, out] wide. Here forward is two gemm
-//! calls into one output (the adapter's product accumulated onto the base's) and backward
-//! returns dx, dA and dB from gemm calls that accumulate in place; W gets no gradient.
+//! addition for every edge it walks, most of them [rows, out] wide. Here forward is the base
+//! product (the engine's packed kernel) with the adapter's gemm product accumulated onto it,
+//! and backward returns dx, dA and dB from products that accumulate in place; W gets no
+//! gradient.
 use super::{cols, mm, rows, slice, threads};
+use crate::engine::packed::{matmul_packed, Packed};
+use crate::engine::weights::PackCache;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
 
 /// y [m, n] = x [m, k]·Wᵀ + scale·(x·Aᵀ)·Bᵀ for a constant W [n, k], A [r, k], B [n, r];
 /// differentiable in x, A and B.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+///
+/// W's products use the inference engine's panel-packed copies of W and Wᵀ (from `packs`,
+/// the model's cache, so a frozen base is packed once per run; packed afresh without one):
+/// no per-call repacking of the largest operand, and the engine kernel's speed.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    packs: Option<&PackCache>,
+) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (n, kw) = w.dims2()?;
     let (r, ka) = a.dims2()?;
@@ -23,8 +38,13 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
             b.dims()
         );
     }
+    let w = w.contiguous()?;
+    let fresh = PackCache::default();
+    let packs = packs.unwrap_or(&fresh);
+    let pack_err = |e: anyhow::Error| candle_core::Error::Msg(format!("lora_linear: {e:#}"));
     let op = LoraLinear {
-        w: w.contiguous()?,
+        wp: packs.get(&w).map_err(pack_err)?,
+        wtp: packs.get_t(&w).map_err(pack_err)?,
         scale: scale as f32,
     };
     x.contiguous()?
@@ -32,7 +52,9 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
 }
 
 struct LoraLinear {
-    w: Tensor,
+    /// W and Wᵀ, packed.
+    wp: Arc<Packed>,
+    wtp: Arc<Packed>,
     scale: f32,
 }
 
@@ -76,18 +98,7 @@ impl CustomOp3 for LoraLinear {
             threads(),
         );
         let mut y = vec![0f32; m * n];
-        with_cpu(&self.w, |w| {
-            mm(
-                &mut y,
-                [m, n, k],
-                rows(x, k),
-                cols(w, k),
-                1.0,
-                false,
-                threads(),
-            );
-            Ok(())
-        })?;
+        matmul_packed(x, m, &self.wp, &mut y);
         mm(
             &mut y,
             [m, n, r],
@@ -117,7 +128,7 @@ impl CustomOp3 for LoraLinear {
             with_cpu(a, |a| {
                 with_cpu(b, |b| {
                     with_cpu(&grad, |g| {
-                        with_cpu(&self.w, |w| {
+                        {
                             // u = g·B [m, r]; t = x·Aᵀ [m, r], recomputed (m·r·k: small).
                             let mut u = vec![0f32; m * r];
                             mm(
@@ -141,15 +152,7 @@ impl CustomOp3 for LoraLinear {
                             );
                             // dx = g·W + s·u·A
                             let mut dx = vec![0f32; m * k];
-                            mm(
-                                &mut dx,
-                                [m, k, n],
-                                rows(g, n),
-                                rows(w, k),
-                                1.0,
-                                false,
-                                threads(),
-                            );
+                            matmul_packed(g, m, &self.wtp, &mut dx);
                             mm(
                                 &mut dx,
                                 [m, k, r],
@@ -181,7 +184,7 @@ impl CustomOp3 for LoraLinear {
                                 threads(),
                             );
                             Ok((dx, da, db))
-                        })
+                        }
                     })
                 })
             })

@@ -6,6 +6,9 @@
 //! logits, forms dlogits = g·(onehot − softmax) in place and multiplies it out into dh (and dW
 //! when the head is trained), so neither pass keeps more than one chunk of logits.
 use super::{cols, mm, rows, slice, threads};
+use crate::engine::math::exp_shifted;
+use crate::engine::packed::{matmul_packed, Packed};
+use crate::engine::weights::PackCache;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -16,7 +19,15 @@ const ROWS: usize = 128;
 /// Log-probabilities [n] of `targets` under the head `w` [vocab, d] for the hidden states
 /// `h` [n, d]: entry i is log softmax(h_i·Wᵀ)[y] for each (i, y) in `selected`, 0 for rows
 /// not selected (which get no gradient). Differentiable in h, and in w when w is tracked.
-pub fn target_logprobs(h: &Tensor, w: &Tensor, selected: &[(usize, u32)]) -> Result<Tensor> {
+///
+/// A frozen head's products use the inference engine's panel-packed W and Wᵀ (from `packs`,
+/// the model's cache: the tied embedding is packed once per run, not per chunk).
+pub fn target_logprobs(
+    h: &Tensor,
+    w: &Tensor,
+    selected: &[(usize, u32)],
+    packs: Option<&PackCache>,
+) -> Result<Tensor> {
     let (n, d) = h.dims2()?;
     let (vocab, dw) = w.dims2()?;
     if d != dw {
@@ -33,30 +44,49 @@ pub fn target_logprobs(h: &Tensor, w: &Tensor, selected: &[(usize, u32)]) -> Res
             );
         }
     }
+    let w = w.contiguous()?;
+    let head_grad = w.track_op();
+    let packed = if head_grad {
+        None
+    } else {
+        let fresh = PackCache::default();
+        let packs = packs.unwrap_or(&fresh);
+        let err = |e: anyhow::Error| candle_core::Error::Msg(format!("target_logprobs: {e:#}"));
+        Some((packs.get(&w).map_err(err)?, packs.get_t(&w).map_err(err)?))
+    };
     let op = TargetLogprobs {
         selected: Arc::new(selected.to_vec()),
-        head_grad: w.track_op(),
+        head_grad,
+        packed,
     };
-    h.contiguous()?.apply_op2(&w.contiguous()?, op)
+    h.contiguous()?.apply_op2(&w, op)
 }
+
+/// A frozen head's W and Wᵀ, packed.
+type PackedHead = Option<(Arc<Packed>, Arc<Packed>)>;
 
 struct TargetLogprobs {
     selected: Arc<Vec<(usize, u32)>>,
     /// Whether the head is trained (a frozen head's gradient is never computed).
     head_grad: bool,
+    packed: PackedHead,
 }
 
 /// logits [r, vocab] = hc [r, d] · Wᵀ.
-fn logits(hc: &[f32], w: &[f32], r: usize, d: usize, vocab: usize, out: &mut [f32]) {
-    mm(
-        out,
-        [r, vocab, d],
-        rows(hc, d),
-        cols(w, d),
-        1.0,
-        false,
-        threads(),
-    );
+fn logits(hc: &[f32], w: &[f32], packed: &PackedHead, r: usize, d: usize, out: &mut [f32]) {
+    let vocab = w.len() / d.max(1);
+    match packed {
+        Some((wp, _)) => matmul_packed(hc, r, wp, out),
+        None => mm(
+            out,
+            [r, vocab, d],
+            rows(hc, d),
+            cols(w, d),
+            1.0,
+            false,
+            threads(),
+        ),
+    }
 }
 
 /// Copies the chunk's selected hidden rows into a dense [r, d] buffer.
@@ -68,11 +98,11 @@ fn gather(h: &[f32], chunk: &[(usize, u32)], d: usize) -> Vec<f32> {
     hc
 }
 
-/// (max, log Σ exp(x − max)) of a row.
-fn log_sum_exp(x: &[f32]) -> (f32, f32) {
+/// Turns a row of logits into exp(x − max) in place (the engine's vectorised exp) and returns
+/// (max, Σ exp(x − max)).
+fn exp_row(x: &mut [f32]) -> (f32, f32) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
-    (max, sum.ln())
+    (max, exp_shifted(x, max))
 }
 
 impl CustomOp2 for TargetLogprobs {
@@ -95,13 +125,14 @@ impl CustomOp2 for TargetLogprobs {
         for chunk in self.selected.chunks(ROWS) {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
-            logits(&hc, w, r, d, vocab, &mut buf[..r * vocab]);
+            logits(&hc, w, &self.packed, r, d, &mut buf[..r * vocab]);
             let lp: Vec<f32> = buf[..r * vocab]
-                .par_chunks(vocab)
+                .par_chunks_mut(vocab)
                 .zip(chunk.par_iter())
                 .map(|(row, &(_, y))| {
-                    let (max, lse) = log_sum_exp(row);
-                    row[y as usize] - max - lse
+                    let target = row[y as usize];
+                    let (max, sum) = exp_row(row);
+                    target - max - sum.ln()
                 })
                 .collect();
             for (&(i, _), v) in chunk.iter().zip(lp) {
@@ -125,6 +156,7 @@ impl CustomOp2 for TargetLogprobs {
             &TargetLogprobsBwd {
                 selected: self.selected.clone(),
                 head_grad: self.head_grad,
+                packed: self.packed.clone(),
             },
         )?;
         let dh = both.narrow(0, 0, n * d)?.reshape((n, d))?;
@@ -141,6 +173,7 @@ impl CustomOp2 for TargetLogprobs {
 struct TargetLogprobsBwd {
     selected: Arc<Vec<(usize, u32)>>,
     head_grad: bool,
+    packed: PackedHead,
 }
 
 impl CustomOp3 for TargetLogprobsBwd {
@@ -170,29 +203,30 @@ impl CustomOp3 for TargetLogprobsBwd {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
             let dl = &mut buf[..r * vocab];
-            logits(&hc, w, r, d, vocab, dl);
+            logits(&hc, w, &self.packed, r, d, dl);
             // dlogits = g_i·(onehot(y) − softmax(row)).
             dl.par_chunks_mut(vocab)
                 .zip(chunk.par_iter())
                 .for_each(|(row, &(i, y))| {
-                    let (max, lse) = log_sum_exp(row);
-                    let gi = g[i];
-                    for x in row.iter_mut() {
-                        *x = -gi * (*x - max - lse).exp();
-                    }
-                    row[y as usize] += gi;
+                    let (_, sum) = exp_row(row);
+                    let scale = -g[i] / sum;
+                    row.iter_mut().for_each(|x| *x *= scale);
+                    row[y as usize] += g[i];
                 });
             let mut dhc = vec![0f32; r * d];
             // dhc [r, d] = dl [r, vocab] · W [vocab, d].
-            mm(
-                &mut dhc,
-                [r, d, vocab],
-                rows(dl, vocab),
-                rows(w, d),
-                1.0,
-                false,
-                threads(),
-            );
+            match &self.packed {
+                Some((_, wt)) => matmul_packed(dl, r, wt, &mut dhc),
+                None => mm(
+                    &mut dhc,
+                    [r, d, vocab],
+                    rows(dl, vocab),
+                    rows(w, d),
+                    1.0,
+                    false,
+                    threads(),
+                ),
+            }
             if self.head_grad {
                 // dW [vocab, d] += dlᵀ [vocab, r] · hc [r, d].
                 mm(
