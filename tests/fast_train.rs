@@ -139,25 +139,10 @@ fn fused_log_probabilities_equal_log_softmax_and_gather() {
     let (n, d, vocab) = (300, 16, 97); // more rows than one chunk
     let h = randn(&[n, d], 5, 1.0);
     let w = randn(&[vocab, d], 6, 0.5);
-    // Every third row selected, targets spread over the vocabulary.
-    let selected: Vec<(usize, u32)> = (0..n)
-        .filter(|i| i % 3 != 1)
-        .map(|i| (i, ((i * 7919) % vocab) as u32))
-        .collect();
-    let mut mask = vec![0f32; n];
-    let mut target = vec![0u32; n];
-    for &(i, y) in &selected {
-        mask[i] = 1.0;
-        target[i] = y;
-    }
-    let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
-    let target = Tensor::from_vec(target, (n, 1), &Device::Cpu).unwrap();
+    // Two rows in three selected, targets spread over the vocabulary.
+    let (selected, mask, target) = selection(n, vocab, 3, 7919);
     let fused = |x: &[Tensor]| fast::target_logprobs(&x[0], &x[1], &selected, None).unwrap();
-    let composed = |x: &[Tensor]| {
-        let logits = x[0].matmul(&x[1].t().unwrap()).unwrap();
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        (lp.gather(&target, 1).unwrap().squeeze(1).unwrap() * &mask).unwrap()
-    };
+    let composed = |x: &[Tensor]| composed_logprobs(&x[0], &x[1], &mask, &target);
     let xs = [h, w];
     let (a, e) = (fused(&xs), composed(&xs));
     assert!(rel(&a, &e) < 1e-5, "values differ by {}", rel(&a, &e));
@@ -171,14 +156,17 @@ fn fused_log_probabilities_equal_log_softmax_and_gather() {
     finite_differences(&xs_small, &f_small, &r.narrow(0, 0, 12).unwrap());
 }
 
-/// A frozen head takes the packed-kernel path: values and dh equal the composed ops.
-#[test]
-fn fused_log_probabilities_with_a_frozen_head_equal_the_composed_ops() {
-    let (n, d, vocab) = (150, 24, 301);
-    let w = randn(&[vocab, d], 16, 0.5); // a constant: packed once
+/// Rows i with i % every ≠ 1 selected, target (i · mul) mod vocab: (selected, mask [n],
+/// targets [n, 1]).
+fn selection(
+    n: usize,
+    vocab: usize,
+    every: usize,
+    mul: usize,
+) -> (Vec<(usize, u32)>, Tensor, Tensor) {
     let selected: Vec<(usize, u32)> = (0..n)
-        .filter(|i| i % 4 != 2)
-        .map(|i| (i, ((i * 104_729) % vocab) as u32))
+        .filter(|i| i % every != 1)
+        .map(|i| (i, ((i * mul) % vocab) as u32))
         .collect();
     let mut mask = vec![0f32; n];
     let mut target = vec![0u32; n];
@@ -186,14 +174,28 @@ fn fused_log_probabilities_with_a_frozen_head_equal_the_composed_ops() {
         mask[i] = 1.0;
         target[i] = y;
     }
-    let mask = Tensor::from_vec(mask, n, &Device::Cpu).unwrap();
-    let target = Tensor::from_vec(target, (n, 1), &Device::Cpu).unwrap();
+    (
+        selected,
+        Tensor::from_vec(mask, n, &Device::Cpu).unwrap(),
+        Tensor::from_vec(target, (n, 1), &Device::Cpu).unwrap(),
+    )
+}
+
+/// The selected rows' log softmax(h·Wᵀ)[target] from candle's ops, 0 elsewhere.
+fn composed_logprobs(h: &Tensor, w: &Tensor, mask: &Tensor, target: &Tensor) -> Tensor {
+    let logits = h.matmul(&w.t().unwrap()).unwrap();
+    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    (lp.gather(target, 1).unwrap().squeeze(1).unwrap() * mask).unwrap()
+}
+
+/// A frozen head takes the packed-kernel path: values and dh equal the composed ops.
+#[test]
+fn fused_log_probabilities_with_a_frozen_head_equal_the_composed_ops() {
+    let (n, d, vocab) = (150, 24, 301);
+    let w = randn(&[vocab, d], 16, 0.5); // a constant: packed once
+    let (selected, mask, target) = selection(n, vocab, 4, 104_729);
     let fused = |x: &[Tensor]| fast::target_logprobs(&x[0], &w, &selected, None).unwrap();
-    let composed = |x: &[Tensor]| {
-        let logits = x[0].matmul(&w.t().unwrap()).unwrap();
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        (lp.gather(&target, 1).unwrap().squeeze(1).unwrap() * &mask).unwrap()
-    };
+    let composed = |x: &[Tensor]| composed_logprobs(&x[0], &w, &mask, &target);
     let xs = [randn(&[n, d], 15, 1.0)];
     let (a, e) = (fused(&xs), composed(&xs));
     assert!(rel(&a, &e) < 1e-5, "values differ by {}", rel(&a, &e));

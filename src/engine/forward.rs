@@ -3,7 +3,7 @@
 //! shared prompt prefix in another cache). Sequences are never padded: prefill, decode steps
 //! and scoring are the same function with different segments, and every row's arithmetic is
 //! independent of the other rows in the batch.
-use super::kernels::{matmul_nt_serial, parallel_for, MIN_WORK_PER_THREAD};
+use super::kernels::{matmul_nt_serial, parallel_for, OutPtr, MIN_WORK_PER_THREAD};
 use super::kv::KvCache;
 use super::math::exp;
 use super::weights::{with_f32, LinearView, ModelView};
@@ -50,19 +50,6 @@ fn rows_zip(a: &mut [f32], b: &[f32], width: usize, f: impl Fn(&mut [f32], &[f32
             .for_each(|(a, b)| f(a, b));
     } else {
         f(a, b);
-    }
-}
-
-/// A raw pointer for tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method, so closures capture the Send/Sync wrapper rather than its raw field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
     }
 }
 
@@ -369,21 +356,6 @@ fn attend<'o>(
             let own = own0 + j;
             let row = [&mut sp[j * pl..(j + 1) * pl], &mut so[j * ol..j * ol + own]];
             let values = [parts[0].1, &parts[1].1[..own * hd]];
-            // The vector code lives in functions compiled for the CPU's features (a closure
-            // would not inherit them).
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") {
-                    // Safety: the CPU has AVX-512F (checked above).
-                    unsafe { softmax_sum_avx512(row, values, scale, o(j)) };
-                    continue;
-                }
-                if is_x86_feature_detected!("avx2") {
-                    // Safety: the CPU has AVX2 (checked above).
-                    unsafe { softmax_sum_avx2(row, values, scale, o(j)) };
-                    continue;
-                }
-            }
             softmax_sum(row, values, scale, o(j));
         }
     })
@@ -391,21 +363,13 @@ fn attend<'o>(
 
 type Parts<'a> = [(&'a [f32], &'a [f32]); 2];
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_sum_avx512(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
-    softmax_sum(p, v, scale, o)
+vectorised! {
+    /// o += softmax(scores · scale) · values, the scores and values in two parts, in order.
+    fn softmax_sum(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) = softmax_sum_body
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_sum_avx2(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
-    softmax_sum(p, v, scale, o)
-}
-
-/// o += softmax(scores · scale) · values, the scores and values in two parts, in order.
 #[inline(always)]
-fn softmax_sum(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
+fn softmax_sum_body(p: [&mut [f32]; 2], v: [&[f32]; 2], scale: f32, o: &mut [f32]) {
     let hd = o.len();
     let [p0, p1] = p;
     p0.iter_mut().chain(p1.iter_mut()).for_each(|s| *s *= scale);

@@ -46,11 +46,18 @@ pub fn parallel_for(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint elements.
+/// A raw output pointer shared by tasks that write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method, so closures capture the Send/Sync wrapper rather than its raw field.
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 
 /// y [rows, out] = x [rows, inp] · w[out, inp]ᵀ (overwriting y).
 pub fn matmul_nt(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize, y: &mut [f32]) {
@@ -367,7 +374,7 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(x: &[f32], rows: usize, inp: usize, w: &[f32], out: usize) -> Vec<f32> {
@@ -382,7 +389,8 @@ mod tests {
         y
     }
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) for kernel tests.
+    pub(crate) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
             .collect()

@@ -29,32 +29,9 @@ pub fn exp(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// x ← e^(x − shift), element-wise; returns Σ x afterwards (summed in order).
-pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (checked above).
-            return unsafe { exp_shifted_avx512(x, shift) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2 (checked above).
-            return unsafe { exp_shifted_avx2(x, shift) };
-        }
-    }
-    exp_shifted_body(x, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_shifted_avx512(x: &mut [f32], shift: f32) -> f32 {
-    exp_shifted_body(x, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn exp_shifted_avx2(x: &mut [f32], shift: f32) -> f32 {
-    exp_shifted_body(x, shift)
+vectorised! {
+    /// x ← e^(x − shift), element-wise; returns Σ x afterwards (summed in order).
+    pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 = exp_shifted_body
 }
 
 #[inline(always)]
@@ -63,32 +40,9 @@ fn exp_shifted_body(x: &mut [f32], shift: f32) -> f32 {
     x.iter().fold(0f32, |s, v| s + v)
 }
 
-/// x ← silu(x) · u, element-wise.
-pub fn silu_mul(x: &mut [f32], u: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (checked above).
-            return unsafe { silu_mul_avx512(x, u) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2 (checked above).
-            return unsafe { silu_mul_avx2(x, u) };
-        }
-    }
-    silu_mul_body(x, u)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_mul_avx512(x: &mut [f32], u: &[f32]) {
-    silu_mul_body(x, u)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn silu_mul_avx2(x: &mut [f32], u: &[f32]) {
-    silu_mul_body(x, u)
+vectorised! {
+    /// x ← silu(x) · u, element-wise.
+    pub fn silu_mul(x: &mut [f32], u: &[f32]) = silu_mul_body
 }
 
 #[inline(always)]

@@ -12,7 +12,7 @@
 //! multiplies and adds separately.
 // Index loops mirror the micro-kernel's (row, lane) block shape.
 #![allow(clippy::needless_range_loop)]
-use super::kernels::threads_for;
+use super::kernels::{threads_for, OutPtr};
 use rayon::prelude::*;
 
 /// Output features per panel: two AVX-512 registers, four AVX2 ones.
@@ -106,12 +106,6 @@ impl Packed {
         acc
     }
 }
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// y [rows, out] = x [rows, in] · Wᵀ (overwriting y).
 pub fn matmul_packed(x: &[f32], rows: usize, w: &Packed, y: &mut [f32]) {
@@ -343,12 +337,7 @@ fn isa() -> Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use crate::engine::kernels::tests::data;
 
     #[test]
     fn matches_naive_is_row_invariant_and_dot_agrees() {

@@ -4,7 +4,7 @@
 //! the `Var`s the optimiser updates in place, so a LoRA run never copies or repacks the model
 //! to sample or judge with it; under full fine-tuning the trained weights are repacked for
 //! each engine.
-use super::kernels::{matmul_nt, parallel_for};
+use super::kernels::{matmul_nt, parallel_for, OutPtr};
 use super::packed::{matmul_packed, Packed};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Result};
@@ -124,7 +124,7 @@ impl LinearView {
                     }
                 }
             })?;
-            let yp = RowsPtr(y.as_mut_ptr());
+            let yp = OutPtr(y.as_mut_ptr());
             parallel_for(rows, rows * r * out, |i| {
                 // Safety: each task writes row i of y only.
                 let yr = unsafe { std::slice::from_raw_parts_mut(yp.at(i * out), out) };
@@ -135,49 +135,14 @@ impl LinearView {
     }
 }
 
-/// A raw pointer for tasks that write disjoint rows of one buffer.
-#[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
-unsafe impl Send for RowsPtr {}
-unsafe impl Sync for RowsPtr {}
-
-impl RowsPtr {
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// y += scale · Σ_j xa[j] · bt[j] for one row, bt = Bᵀ [r, out].
-///
-/// An outer product along the outputs instead of r-long dot products: a rank-16 dot is one
-/// vector FMA and a horizontal sum, which cost ten times the FMA. Every output sums its r
-/// terms in order with a separate multiply and add, so vector width never changes a bit and
-/// `Engine::logits_of` reproduces it exactly.
-pub fn lora_delta(xa: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F (checked above).
-            return unsafe { lora_delta_avx512(xa, bt, scale, y) };
-        }
-        if is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2 (checked above).
-            return unsafe { lora_delta_avx2(xa, bt, scale, y) };
-        }
-    }
-    lora_delta_body(xa, bt, scale, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn lora_delta_avx512(xa: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) {
-    lora_delta_body(xa, bt, scale, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn lora_delta_avx2(xa: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) {
-    lora_delta_body(xa, bt, scale, y)
+vectorised! {
+    /// y += scale · Σ_j xa[j] · bt[j] for one row, bt = Bᵀ [r, out].
+    ///
+    /// An outer product along the outputs instead of r-long dot products: a rank-16 dot is one
+    /// vector FMA and a horizontal sum, which cost ten times the FMA. Every output sums its r
+    /// terms in order with a separate multiply and add, so vector width never changes a bit and
+    /// `Engine::logits_of` reproduces it exactly.
+    pub fn lora_delta(xa: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) = lora_delta_body
 }
 
 /// The element-wise arithmetic of `lora_delta`, vectorised by the compiler for each caller's
