@@ -110,18 +110,19 @@ fn matmul_nt_threads(
     }
 }
 
-/// The instruction set the micro-kernel uses, detected once at run time.
+/// The instruction set the engine's micro-kernels (here and in `packed`) use, detected once
+/// at run time.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
+pub(crate) enum Isa {
     /// AVX-512F: 16 lanes per FMA, twice AVX2's work per instruction.
     Avx512,
     /// AVX2 with FMA: 8 lanes.
     Avx2,
-    /// Plain Rust with 8 independent lanes, which the compiler vectorises.
+    /// Plain Rust, which the compiler vectorises.
     Portable,
 }
 
-fn isa() -> Isa {
+pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;

@@ -12,7 +12,7 @@
 //! multiplies and adds separately.
 // Index loops mirror the micro-kernel's (row, lane) block shape.
 #![allow(clippy::needless_range_loop)]
-use super::kernels::{threads_for, OutPtr};
+use super::kernels::{isa, threads_for, Isa, OutPtr};
 use rayon::prelude::*;
 
 /// Output features per panel: two AVX-512 registers, four AVX2 ones.
@@ -32,24 +32,14 @@ impl Packed {
     /// Repacks `w` [out, in] (row-major).
     pub fn new(w: &[f32], out: usize, inp: usize) -> Self {
         assert_eq!(w.len(), out * inp, "Packed::new: w has the wrong size");
-        let panels = out.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * inp * PANEL];
-        let fill = |(p, panel): (usize, &mut [f32])| {
+        Self::filled(out, inp, |p, panel| {
             for j in 0..PANEL.min(out - p * PANEL) {
                 let row = &w[(p * PANEL + j) * inp..(p * PANEL + j + 1) * inp];
                 for (k, &v) in row.iter().enumerate() {
                     panel[k * PANEL + j] = v;
                 }
             }
-        };
-        if panels > 1 && out * inp >= 1 << 20 {
-            data.par_chunks_mut(inp * PANEL).enumerate().for_each(fill);
-        } else {
-            data.chunks_mut(inp * PANEL.max(1))
-                .enumerate()
-                .for_each(fill);
-        }
-        Self { data, out, inp }
+        })
     }
 
     /// Packs Wᵀ for `w` [rows, cols] (row-major): products with it are x [·, rows] · W, the
@@ -61,22 +51,29 @@ impl Packed {
             rows * cols,
             "Packed::transposed: w has the wrong size"
         );
-        let (out, inp) = (cols, rows);
-        let panels = out.div_ceil(PANEL);
-        let mut data = vec![0f32; panels * inp * PANEL];
-        let fill = |(p, panel): (usize, &mut [f32])| {
-            let width = PANEL.min(out - p * PANEL);
-            for k in 0..inp {
+        Self::filled(cols, rows, |p, panel| {
+            let width = PANEL.min(cols - p * PANEL);
+            for k in 0..rows {
                 panel[k * PANEL..k * PANEL + width]
                     .copy_from_slice(&w[k * cols + p * PANEL..k * cols + p * PANEL + width]);
             }
-        };
+        })
+    }
+
+    /// `out` outputs of `inp` inputs, panel p written by `fill(p, panel)` (zero-initialised,
+    /// so a last partial panel stays zero-padded); panels in parallel for a large matrix.
+    fn filled(out: usize, inp: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        let panels = out.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * inp * PANEL];
+        let len = (inp * PANEL).max(1);
         if panels > 1 && out * inp >= 1 << 20 {
-            data.par_chunks_mut(inp * PANEL).enumerate().for_each(fill);
-        } else {
-            data.chunks_mut(inp * PANEL.max(1))
+            data.par_chunks_mut(len)
                 .enumerate()
-                .for_each(fill);
+                .for_each(|(p, panel)| fill(p, panel));
+        } else {
+            data.chunks_mut(len)
+                .enumerate()
+                .for_each(|(p, panel)| fill(p, panel));
         }
         Self { data, out, inp }
     }
@@ -302,35 +299,6 @@ mod avx2 {
                 _mm256_storeu_ps(acc[i].as_mut_ptr().add(half + 8), a[i][1]);
             }
         }
-    }
-}
-
-/// The instruction set the micro-kernel uses, detected once at run time.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                Isa::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Isa::Avx2
-            } else {
-                Isa::Portable
-            }
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        Isa::Portable
     }
 }
 
