@@ -202,8 +202,11 @@ impl Engine {
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {
             let id = id as usize;
-            if id >= head.out {
-                bail!("token id {id} is out of the head's range ({})", head.out);
+            if id >= head.weight.out {
+                bail!(
+                    "token id {id} is out of the head's range ({})",
+                    head.weight.out
+                );
             }
             let mut y = [head.weight.dot(&hidden[..d], id)];
             if let Some(b) = &head.bias {

@@ -47,7 +47,7 @@ impl PackCache {
     fn packed(&self, w: &Tensor, transposed: bool) -> Result<Arc<Packed>> {
         let pack = || -> Result<Arc<Packed>> {
             let (out, inp) = w.dims2()?;
-            with_f32(w, |v| {
+            with_f32(&w.contiguous()?, |v| {
                 Arc::new(if transposed {
                     Packed::transposed(v, out, inp)
                 } else {
@@ -55,7 +55,9 @@ impl PackCache {
                 })
             })
         };
-        if w.is_variable() {
+        // Only a tensor whose id names fixed values is cached: a `Var` changes in place, and a
+        // non-contiguous view would be a fresh copy (a fresh id) at every call.
+        if w.is_variable() || !w.is_contiguous() {
             return pack();
         }
         let key = (w.id(), transposed);
@@ -69,19 +71,16 @@ impl PackCache {
     }
 }
 
-/// A projection y = x Wᵀ + b (+ scale · x Aᵀ Bᵀ).
+/// A projection y = x Wᵀ + b (+ scale · x Aᵀ Bᵀ); W's shape is `weight.out` × `weight.inp`.
 pub struct LinearView {
     pub weight: Arc<Packed>,
     pub bias: Option<Tensor>,
     /// A [r, in], B [out, r], scale.
     pub lora: Option<(Tensor, Tensor, f32)>,
-    pub out: usize,
-    pub inp: usize,
 }
 
 impl LinearView {
     fn of(l: &crate::model::llama::Linear, packs: &PackCache) -> Result<Self> {
-        let (out, inp) = l.weight.dims2()?;
         Ok(Self {
             weight: packs.get(&contiguous(&l.weight)?)?,
             bias: l.bias.as_ref().map(contiguous).transpose()?,
@@ -92,19 +91,18 @@ impl LinearView {
                     Ok((contiguous(&a.a)?, contiguous(&a.b)?, a.scale as f32))
                 })
                 .transpose()?,
-            out,
-            inp,
         })
     }
 
     /// y [rows, out] for x [rows, in].
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
+        let (out, inp) = (self.weight.out, self.weight.inp);
         // The product overwrites every element: only a growing buffer is zeroed.
-        y.resize(rows * self.out, 0.0);
+        y.resize(rows * out, 0.0);
         matmul_packed(x, rows, &self.weight, y);
         if let Some(b) = &self.bias {
             with_f32(b, |b| {
-                for row in y.chunks_mut(self.out) {
+                for row in y.chunks_mut(out) {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
             })?;
@@ -112,10 +110,9 @@ impl LinearView {
         if let Some((a, b, scale)) = &self.lora {
             let r = a.dim(0)?;
             let mut xa = vec![0f32; rows * r];
-            with_f32(a, |a| matmul_nt(x, rows, self.inp, a, r, &mut xa))?;
+            with_f32(a, |a| matmul_nt(x, rows, inp, a, r, &mut xa))?;
             // Bᵀ [r, out], read from the live B at each call (the optimiser updates it in
             // place): out × r copies against rows × r × out multiply-adds.
-            let out = self.out;
             let mut bt = vec![0f32; r * out];
             with_f32(b, |b| {
                 for (o, row) in b.chunks_exact(r).enumerate() {
@@ -220,16 +217,11 @@ impl ModelView {
         let embed = contiguous(&model.embed_tokens)?;
         let head = match &model.lm_head {
             Some(h) => LinearView::of(h, packs)?,
-            None => {
-                let (out, inp) = embed.dims2()?;
-                LinearView {
-                    weight: packs.get(&embed)?,
-                    bias: None,
-                    lora: None,
-                    out,
-                    inp,
-                }
-            }
+            None => LinearView {
+                weight: packs.get(&embed)?,
+                bias: None,
+                lora: None,
+            },
         };
         Ok(Self {
             embed,
