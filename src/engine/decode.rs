@@ -108,23 +108,19 @@ pub fn generate(
     for step in 0..params.max_new_tokens {
         // Each row draws from its own stream, so rows sample in parallel (the softmax over a
         // 50k vocabulary for 56 rows is milliseconds that would leave the other cores idle).
-        let mut streams: Vec<(usize, &mut ChaCha8Rng)> = rngs
+        let mut streams: Vec<&mut ChaCha8Rng> = rngs
             .iter_mut()
             .enumerate()
             .filter(|(i, _)| active.binary_search(i).is_ok())
+            .map(|(_, rng)| rng)
             .collect();
+        let one = |(a, rng): (usize, &mut &mut ChaCha8Rng)| {
+            draw(&logits[a * vocab..(a + 1) * vocab], params, rng)
+        };
         let drawn: Vec<(u32, f32)> = if active.len() * vocab >= SAMPLE_WORK_PER_THREAD {
-            streams
-                .par_iter_mut()
-                .enumerate()
-                .map(|(a, (_, rng))| draw(&logits[a * vocab..(a + 1) * vocab], params, rng))
-                .collect()
+            streams.par_iter_mut().enumerate().map(one).collect()
         } else {
-            streams
-                .iter_mut()
-                .enumerate()
-                .map(|(a, (_, rng))| draw(&logits[a * vocab..(a + 1) * vocab], params, rng))
-                .collect()
+            streams.iter_mut().enumerate().map(one).collect()
         };
         let mut next = Vec::with_capacity(active.len());
         for (&i, &(t, lp)) in active.iter().zip(&drawn) {

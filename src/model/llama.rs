@@ -149,7 +149,7 @@ pub struct Linear {
 
 /// Whether a forward uses the fused kernels of `model::fast`: Some(the model's packed
 /// weights) when it does.
-type Fused<'a> = Option<&'a crate::engine::weights::PackCache>;
+type Fused<'a> = Option<&'a Arc<crate::engine::weights::PackCache>>;
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -704,7 +704,7 @@ impl Llama {
         }
         let eps = self.cfg.rms_norm_eps;
         // Cached decoding keeps the composed ops (its steps must equal the full forward).
-        let fused = (self.fused && cache.is_none() && fast::applies(&x)).then_some(&*self.packs);
+        let fused = (self.fused && cache.is_none() && fast::applies(&x)).then_some(&self.packs);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;

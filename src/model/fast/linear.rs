@@ -6,7 +6,7 @@
 //! product (the engine's packed kernel) with the adapter's gemm product accumulated onto it,
 //! and backward returns dx, dA and dB from products that accumulate in place; W gets no
 //! gradient.
-use super::{cols, mm, rows, slice, threads};
+use super::{cols, mm, pack_cache, packed, rows, slice, threads};
 use crate::engine::packed::{matmul_packed, Packed};
 use crate::engine::weights::PackCache;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -15,16 +15,17 @@ use std::sync::Arc;
 /// y [m, n] = x [m, k]·Wᵀ + scale·(x·Aᵀ)·Bᵀ for a constant W [n, k], A [r, k], B [n, r];
 /// differentiable in x, A and B.
 ///
-/// W's products use the inference engine's panel-packed copies of W and Wᵀ (from `packs`,
-/// the model's cache, so a frozen base is packed once per run; packed afresh without one):
-/// no per-call repacking of the largest operand, and the engine kernel's speed.
+/// W's products use the inference engine's panel-packed copies of W (forward) and Wᵀ
+/// (backward, packed when first needed) from `packs`, the model's cache, so a frozen base is
+/// packed once per run (afresh per op without one): no per-call repacking of the largest
+/// operand, and the engine kernel's speed.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
-    packs: Option<&PackCache>,
+    packs: Option<&Arc<PackCache>>,
 ) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (n, kw) = w.dims2()?;
@@ -38,13 +39,11 @@ pub fn lora_linear(
             b.dims()
         );
     }
-    let w = w.contiguous()?;
-    let fresh = PackCache::default();
-    let packs = packs.unwrap_or(&fresh);
-    let pack_err = |e: anyhow::Error| candle_core::Error::Msg(format!("lora_linear: {e:#}"));
+    let packs = pack_cache(packs);
     let op = LoraLinear {
-        wp: packs.get(&w).map_err(pack_err)?,
-        wtp: packs.get_t(&w).map_err(pack_err)?,
+        wp: packed(&packs, w, false, "lora_linear")?,
+        w: w.clone(),
+        packs,
         scale: scale as f32,
     };
     x.contiguous()?
@@ -52,9 +51,10 @@ pub fn lora_linear(
 }
 
 struct LoraLinear {
-    /// W and Wᵀ, packed.
+    /// W packed; W and its cache for Wᵀ, which only backward needs.
     wp: Arc<Packed>,
-    wtp: Arc<Packed>,
+    w: Tensor,
+    packs: Arc<PackCache>,
     scale: f32,
 }
 
@@ -123,68 +123,67 @@ impl CustomOp3 for LoraLinear {
         let (r, _) = a.dims2()?;
         let (n, _) = b.dims2()?;
         let grad = grad.contiguous()?;
+        let wtp = packed(&self.packs, &self.w, true, self.name())?;
         let s = self.scale;
         let (dx, da, db) = with_cpu(x, |x| {
             with_cpu(a, |a| {
                 with_cpu(b, |b| {
                     with_cpu(&grad, |g| {
-                        {
-                            // u = g·B [m, r]; t = x·Aᵀ [m, r], recomputed (m·r·k: small).
-                            let mut u = vec![0f32; m * r];
-                            mm(
-                                &mut u,
-                                [m, r, n],
-                                rows(g, n),
-                                rows(b, r),
-                                1.0,
-                                false,
-                                threads(),
-                            );
-                            let mut t = vec![0f32; m * r];
-                            mm(
-                                &mut t,
-                                [m, r, k],
-                                rows(x, k),
-                                cols(a, k),
-                                1.0,
-                                false,
-                                threads(),
-                            );
-                            // dx = g·W + s·u·A
-                            let mut dx = vec![0f32; m * k];
-                            matmul_packed(g, m, &self.wtp, &mut dx);
-                            mm(
-                                &mut dx,
-                                [m, k, r],
-                                rows(&u, r),
-                                rows(a, k),
-                                s,
-                                true,
-                                threads(),
-                            );
-                            // dA = s·uᵀ·x [r, k]; dB = s·gᵀ·t [n, r]
-                            let mut da = vec![0f32; r * k];
-                            mm(
-                                &mut da,
-                                [r, k, m],
-                                cols(&u, r),
-                                rows(x, k),
-                                s,
-                                false,
-                                threads(),
-                            );
-                            let mut db = vec![0f32; n * r];
-                            mm(
-                                &mut db,
-                                [n, r, m],
-                                cols(g, n),
-                                rows(&t, r),
-                                s,
-                                false,
-                                threads(),
-                            );
-                            Ok((dx, da, db))
-                        }
+                        // u = g·B [m, r]; t = x·Aᵀ [m, r], recomputed (m·r·k: small).
+                        let mut u = vec![0f32; m * r];
+                        mm(
+                            &mut u,
+                            [m, r, n],
+                            rows(g, n),
+                            rows(b, r),
+                            1.0,
+                            false,
+                            threads(),
+                        );
+                        let mut t = vec![0f32; m * r];
+                        mm(
+                            &mut t,
+                            [m, r, k],
+                            rows(x, k),
+                            cols(a, k),
+                            1.0,
+                            false,
+                            threads(),
+                        );
+                        // dx = g·W + s·u·A
+                        let mut dx = vec![0f32; m * k];
+                        matmul_packed(g, m, &wtp, &mut dx);
+                        mm(
+                            &mut dx,
+                            [m, k, r],
+                            rows(&u, r),
+                            rows(a, k),
+                            s,
+                            true,
+                            threads(),
+                        );
+                        // dA = s·uᵀ·x [r, k]; dB = s·gᵀ·t [n, r]
+                        let mut da = vec![0f32; r * k];
+                        mm(
+                            &mut da,
+                            [r, k, m],
+                            cols(&u, r),
+                            rows(x, k),
+                            s,
+                            false,
+                            threads(),
+                        );
+                        let mut db = vec![0f32; n * r];
+                        mm(
+                            &mut db,
+                            [n, r, m],
+                            cols(g, n),
+                            rows(&t, r),
+                            s,
+                            false,
+                            threads(),
+                        );
+                        Ok((dx, da, db))
                     })
                 })
             })

@@ -5,7 +5,7 @@
 //! target's log-probability, and the chunk buffer is reused. Backward recomputes the chunk's
 //! logits, forms dlogits = g·(onehot − softmax) in place and multiplies it out into dh (and dW
 //! when the head is trained), so neither pass keeps more than one chunk of logits.
-use super::{cols, mm, rows, slice, threads};
+use super::{cols, mm, pack_cache, packed, rows, slice, threads};
 use crate::engine::math::exp_shifted;
 use crate::engine::packed::{matmul_packed, Packed};
 use crate::engine::weights::PackCache;
@@ -20,13 +20,14 @@ const ROWS: usize = 128;
 /// `h` [n, d]: entry i is log softmax(h_i·Wᵀ)[y] for each (i, y) in `selected`, 0 for rows
 /// not selected (which get no gradient). Differentiable in h, and in w when w is tracked.
 ///
-/// A frozen head's products use the inference engine's panel-packed W and Wᵀ (from `packs`,
-/// the model's cache: the tied embedding is packed once per run, not per chunk).
+/// A frozen head's products use the inference engine's panel-packed W (forward) and Wᵀ
+/// (backward, packed when first needed) from `packs`, the model's cache: the tied embedding
+/// is packed once per run, not per chunk.
 pub fn target_logprobs(
     h: &Tensor,
     w: &Tensor,
     selected: &[(usize, u32)],
-    packs: Option<&PackCache>,
+    packs: Option<&Arc<PackCache>>,
 ) -> Result<Tensor> {
     let (n, d) = h.dims2()?;
     let (vocab, dw) = w.dims2()?;
@@ -46,18 +47,16 @@ pub fn target_logprobs(
     }
     let w = w.contiguous()?;
     let head_grad = w.track_op();
-    let packed = if head_grad {
+    let frozen = if head_grad {
         None
     } else {
-        let fresh = PackCache::default();
-        let packs = packs.unwrap_or(&fresh);
-        let err = |e: anyhow::Error| candle_core::Error::Msg(format!("target_logprobs: {e:#}"));
-        Some((packs.get(&w).map_err(err)?, packs.get_t(&w).map_err(err)?))
+        let packs = pack_cache(packs);
+        Some((packed(&packs, &w, false, "target_logprobs")?, packs))
     };
     let op = TargetLogprobs {
         selected: Arc::new(selected.to_vec()),
         head_grad,
-        packed,
+        frozen,
     };
     h.contiguous()?.apply_op2(&w, op)
 }
@@ -69,14 +68,15 @@ struct TargetLogprobs {
     selected: Arc<Vec<(usize, u32)>>,
     /// Whether the head is trained (a frozen head's gradient is never computed).
     head_grad: bool,
-    packed: PackedHead,
+    /// A frozen head: W packed, and the cache that packs Wᵀ when backward first runs.
+    frozen: Option<(Arc<Packed>, Arc<PackCache>)>,
 }
 
 /// logits [r, vocab] = hc [r, d] · Wᵀ.
-fn logits(hc: &[f32], w: &[f32], packed: &PackedHead, r: usize, d: usize, out: &mut [f32]) {
+fn logits(hc: &[f32], w: &[f32], packed: Option<&Packed>, r: usize, d: usize, out: &mut [f32]) {
     let vocab = w.len() / d.max(1);
     match packed {
-        Some((wp, _)) => matmul_packed(hc, r, wp, out),
+        Some(wp) => matmul_packed(hc, r, wp, out),
         None => mm(
             out,
             [r, vocab, d],
@@ -125,7 +125,8 @@ impl CustomOp2 for TargetLogprobs {
         for chunk in self.selected.chunks(ROWS) {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
-            logits(&hc, w, &self.packed, r, d, &mut buf[..r * vocab]);
+            let wp = self.frozen.as_ref().map(|(wp, _)| &**wp);
+            logits(&hc, w, wp, r, d, &mut buf[..r * vocab]);
             let lp: Vec<f32> = buf[..r * vocab]
                 .par_chunks_mut(vocab)
                 .zip(chunk.par_iter())
@@ -150,13 +151,17 @@ impl CustomOp2 for TargetLogprobs {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, d) = h.dims2()?;
         let vocab = w.dim(0)?;
+        let packed = match &self.frozen {
+            Some((wp, packs)) => Some((wp.clone(), packed(packs, w, true, self.name())?)),
+            None => None,
+        };
         let both = h.apply_op3_no_bwd(
             w,
             &grad.contiguous()?,
             &TargetLogprobsBwd {
                 selected: self.selected.clone(),
                 head_grad: self.head_grad,
-                packed: self.packed.clone(),
+                packed,
             },
         )?;
         let dh = both.narrow(0, 0, n * d)?.reshape((n, d))?;
@@ -203,7 +208,7 @@ impl CustomOp3 for TargetLogprobsBwd {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
             let dl = &mut buf[..r * vocab];
-            logits(&hc, w, &self.packed, r, d, dl);
+            logits(&hc, w, self.packed.as_ref().map(|(wp, _)| &**wp), r, d, dl);
             // dlogits = g_i·(onehot(y) − softmax(row)).
             dl.par_chunks_mut(vocab)
                 .zip(chunk.par_iter())

@@ -5,7 +5,8 @@
 //! - `logprob`: log-probabilities of the target tokens, computed in row chunks over the whole
 //!   vocabulary without materialising [tokens, vocab] logits, forward and backward;
 //! - `swiglu`: silu(gate)·up in one pass, both gradients in one pass;
-//! - `lora_linear`: a LoRA layer on a frozen base as one op (two gemm calls each way).
+//! - `lora_linear`: a LoRA layer on a frozen base as one op (the base's products on the
+//!   engine's packed weights, the adapter's by gemm).
 //!
 //! `model::llama` keeps the readable composed model; it routes here on CPU f32 when its fused
 //! kernels are on (the default), and tests/fast_train.rs holds both paths equal.
@@ -20,8 +21,28 @@ pub use logprob::target_logprobs;
 pub use swiglu::swiglu;
 
 use super::ops::f32_slice as slice;
+use crate::engine::packed::Packed;
+use crate::engine::weights::PackCache;
 use candle_core::{DType, Device, Result, Tensor};
 use gemm::Parallelism;
+use std::sync::Arc;
+
+/// The pack cache a fused op on a frozen weight uses: the model's (shared by its clones, so
+/// the weight is packed once per run), or without one a fresh cache owned by the op.
+fn pack_cache(packs: Option<&Arc<PackCache>>) -> Arc<PackCache> {
+    packs.cloned().unwrap_or_default()
+}
+
+/// W (or Wᵀ, `transposed`) from `cache`, packed for the engine's product kernel; failures
+/// name the op.
+fn packed(cache: &PackCache, w: &Tensor, transposed: bool, op: &str) -> Result<Arc<Packed>> {
+    let p = if transposed {
+        cache.get_t(w)
+    } else {
+        cache.get(w)
+    };
+    p.map_err(|e| candle_core::Error::Msg(format!("{op}: {e:#}")))
+}
 
 /// Whether `t` can take the fused CPU kernels.
 pub fn applies(t: &Tensor) -> bool {
