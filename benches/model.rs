@@ -371,6 +371,7 @@ fn torch_median(what: &str, dim: usize, layers: usize, repeats: usize) -> Result
 }
 
 fn main() -> Result<()> {
+    osp::alloc::retain_freed_memory();
     // `cargo bench` passes --bench; nothing else is parsed.
     let repeats: usize = std::env::var("OSP_BENCH_REPEATS")
         .ok()

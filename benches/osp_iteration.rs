@@ -86,6 +86,7 @@ fn write_prompts(tok: &Tokenizer, hh: &Path, out: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    osp::alloc::retain_freed_memory();
     let repeats: usize = std::env::var("OSP_BENCH_REPEATS")
         .ok()
         .and_then(|s| s.parse().ok())

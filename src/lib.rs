@@ -1,4 +1,5 @@
 //! osp: Online Self-Preferring alignment of language models on candle.
+pub mod alloc;
 pub mod bench;
 pub mod compare;
 pub mod data;

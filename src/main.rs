@@ -356,6 +356,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn main() {
+    osp::alloc::retain_freed_memory();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
