@@ -265,6 +265,24 @@ fn fused_lora_linear_equals_the_composed_layer() {
     );
 }
 
+#[test]
+fn fused_trained_linear_equals_the_transposed_matmul() {
+    // x [6, 10], W [37, 10]: 37 outputs span two panels of the packed kernel, the last partial.
+    let xs = [randn(&[6, 10], 31, 1.0), randn(&[37, 10], 32, 0.5)];
+    let fused = |x: &[Tensor]| fast::linear(&x[0], &x[1]).unwrap();
+    let composed = |x: &[Tensor]| x[0].matmul(&x[1].t().unwrap()).unwrap();
+    assert!(rel(&fused(&xs), &composed(&xs)) < 1e-5);
+    let r = randn(&[6, 37], 33, 1.0);
+    for (gf, gc) in grads(&xs, &fused, &r).iter().zip(grads(&xs, &composed, &r)) {
+        assert!(rel(gf, &gc) < 1e-5, "gradients differ by {}", rel(gf, &gc));
+    }
+    finite_differences(&xs, &fused, &r);
+    assert!(
+        fast::linear(&xs[0], &xs[0].t().unwrap()).is_err(),
+        "weight of the wrong shape"
+    );
+}
+
 fn fixture_model(name: &str, trainable: Trainable) -> Llama {
     let dir = fixture(name);
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();

@@ -157,7 +157,8 @@ impl Linear {
     }
 
     /// `forward`; `fused` (the model's packed weights) lets a LoRA layer on a frozen CPU f32
-    /// base run as one op (`fast::lora_linear`, same maths) when its dropout is off.
+    /// base run as one op (`fast::lora_linear`, same maths) when its dropout is off, and a
+    /// trained CPU f32 weight as `fast::linear`.
     fn forward_with(&self, x: &Tensor, fused: Fused) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let inp = *dims.last().ok_or_else(|| anyhow!("linear: scalar input"))?;
@@ -176,6 +177,7 @@ impl Linear {
             (_, Some(wt)) => x2.matmul(wt)?,
             // Constant weights get no gradient computed (candle would compute one anyway).
             _ if !self.weight.is_variable() => frozen_linear(&x2, &self.weight)?,
+            _ if fused.is_some() && fast::applies(&self.weight) => fast::linear(&x2, &self.weight)?,
             _ => x2.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {

@@ -1,4 +1,5 @@
-//! A LoRA linear layer on a frozen base, y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, as one op.
+//! Linear layers as one op each: a LoRA layer on a frozen base, y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ, and a
+//! plain layer whose weight trains (full fine-tuning), y = x·Wᵀ.
 //!
 //! Composed from candle ops the same layer is five graph nodes (base product, two adapter
 //! products, the scale, the sum), and candle's backward pays a zero-filled buffer and an
@@ -9,7 +10,7 @@
 use super::{cols, mm, pack_cache, packed, rows, slice, threads};
 use crate::engine::packed::{matmul_packed, Packed};
 use crate::engine::weights::PackCache;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Arc;
 
 /// y [m, n] = x [m, k]·Wᵀ + scale·(x·Aᵀ)·Bᵀ for a constant W [n, k], A [r, k], B [n, r];
@@ -193,6 +194,86 @@ impl CustomOp3 for LoraLinear {
             Some(Tensor::from_vec(dx, (m, k), dev)?),
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(db, (n, r), dev)?),
+        ))
+    }
+}
+
+/// y [m, n] = x [m, k]·Wᵀ for a W [n, k] that trains; differentiable in x and W.
+///
+/// candle's composed form (a matmul with the transposed view W.t()) runs backward as two
+/// matmuls on transposed views and a strided addition for the transpose's own backward. Here
+/// forward and dx = g·W use the engine's packed kernel (W, then Wᵀ, packed at each call: W
+/// changes every step, and packing is O(n·k) against the product's O(m·n·k)), and
+/// dW = gᵀ·x is one gemm written straight into W's [n, k] layout.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (_, kw) = w.dims2()?;
+    if kw != k {
+        candle_core::bail!(
+            "linear: input {:?} does not fit weight {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, TrainedLinear)
+}
+
+struct TrainedLinear;
+
+impl CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "osp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let (m, k) = l1.shape().dims2()?;
+        let (n, _) = l2.shape().dims2()?;
+        let mut y = vec![0f32; m * n];
+        matmul_packed(x, m, &Packed::new(w, n, k), &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (n, _) = w.dims2()?;
+        let grad = grad.contiguous()?;
+        let (dx, dw) = with_cpu(x, |x| {
+            with_cpu(w, |w| {
+                with_cpu(&grad, |g| {
+                    let mut dx = vec![0f32; m * k];
+                    matmul_packed(g, m, &Packed::transposed(w, n, k), &mut dx);
+                    let mut dw = vec![0f32; n * k];
+                    mm(
+                        &mut dw,
+                        [n, k, m],
+                        cols(g, n),
+                        rows(x, k),
+                        1.0,
+                        false,
+                        threads(),
+                    );
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
         ))
     }
 }

@@ -6,7 +6,9 @@
 //!   vocabulary without materialising [tokens, vocab] logits, forward and backward;
 //! - `swiglu`: silu(gate)·up in one pass, both gradients in one pass;
 //! - `lora_linear`: a LoRA layer on a frozen base as one op (the base's products on the
-//!   engine's packed weights, the adapter's by gemm).
+//!   engine's packed weights, the adapter's by gemm);
+//! - `linear`: a layer whose weight trains (full fine-tuning), x·Wᵀ with both gradients
+//!   written in their own layouts.
 //!
 //! `model::llama` keeps the readable composed model; it routes here on CPU f32 when its fused
 //! kernels are on (the default), and tests/fast_train.rs holds both paths equal.
@@ -16,7 +18,7 @@ pub mod logprob;
 pub mod swiglu;
 
 pub use attention::attention;
-pub use linear::lora_linear;
+pub use linear::{linear, lora_linear};
 pub use logprob::target_logprobs;
 pub use swiglu::swiglu;
 
