@@ -482,17 +482,23 @@ fn smol_engine_config() -> ModelConfig {
     .expect("smol config")
 }
 
-/// Bytes of weights one decode step reads (every linear and the head; the embedding lookup
-/// reads only the batch's rows).
-fn weight_bytes(cfg: &ModelConfig) -> f64 {
+/// Weights of every product a token passes through (the linears and the head).
+fn product_weights(cfg: &ModelConfig) -> usize {
     let (d, hd) = (cfg.hidden_size, cfg.head_dim);
     let (h, kvh, ff) = (
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.intermediate_size,
     );
-    let per_layer = d * h * hd * 2 + d * kvh * hd * 2 + 3 * d * ff + 2 * d;
-    ((cfg.num_hidden_layers * per_layer + d + cfg.vocab_size * d) * 4) as f64
+    let per_layer = d * h * hd * 2 + d * kvh * hd * 2 + 3 * d * ff;
+    cfg.num_hidden_layers * per_layer + cfg.vocab_size * d
+}
+
+/// Bytes of weights one decode step reads (every product and the norms; the embedding lookup
+/// reads only the batch's rows).
+fn weight_bytes(cfg: &ModelConfig) -> f64 {
+    let norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size;
+    ((product_weights(cfg) + norms) * 4) as f64
 }
 
 /// Bytes per second of a large memcpy (median of 5): the rate decode can stream weights at.
@@ -531,8 +537,7 @@ fn matmul_peak_gflops() -> Result<f64> {
 /// head), the usual 2N; attention's own products (under 5% at these lengths) are left out,
 /// so the achieved GFLOP/s printed are slight underestimates on both sides.
 fn forward_flops_per_token(cfg: &ModelConfig) -> f64 {
-    let d = cfg.hidden_size;
-    2.0 * (weight_bytes(cfg) / 4.0 - (d + cfg.num_hidden_layers * 2 * d) as f64)
+    2.0 * product_weights(cfg) as f64
 }
 
 /// "GFLOP/s (share of the matmul peak)" for `flops` done in `secs`.

@@ -122,10 +122,10 @@ impl CustomOp2 for TargetLogprobs {
         let vocab = l2.shape().dims2()?.0;
         let mut out = vec![0f32; n];
         let mut buf = vec![0f32; ROWS * vocab];
+        let wp = self.frozen.as_ref().map(|(wp, _)| &**wp);
         for chunk in self.selected.chunks(ROWS) {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
-            let wp = self.frozen.as_ref().map(|(wp, _)| &**wp);
             logits(&hc, w, wp, r, d, &mut buf[..r * vocab]);
             let lp: Vec<f32> = buf[..r * vocab]
                 .par_chunks_mut(vocab)
@@ -204,11 +204,12 @@ impl CustomOp3 for TargetLogprobsBwd {
         let (dh, dw) = out.split_at_mut(n * d);
         let mut buf = vec![0f32; ROWS * vocab];
         let mut first = true;
+        let wp = self.packed.as_ref().map(|(wp, _)| &**wp);
         for chunk in self.selected.chunks(ROWS) {
             let r = chunk.len();
             let hc = gather(h, chunk, d);
             let dl = &mut buf[..r * vocab];
-            logits(&hc, w, self.packed.as_ref().map(|(wp, _)| &**wp), r, d, dl);
+            logits(&hc, w, wp, r, d, dl);
             // dlogits = g_i·(onehot(y) − softmax(row)).
             dl.par_chunks_mut(vocab)
                 .zip(chunk.par_iter())
