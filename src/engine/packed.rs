@@ -106,6 +106,16 @@ impl Packed {
 
 /// y [rows, out] = x [rows, in] · Wᵀ (overwriting y).
 pub fn matmul_packed(x: &[f32], rows: usize, w: &Packed, y: &mut [f32]) {
+    product(x, rows, w, y, false)
+}
+
+/// y [rows, out] += x [rows, in] · Wᵀ: the product is summed as `matmul_packed` sums it, then
+/// added to y (a layer's input gradient summed over the products that read the same input).
+pub fn matmul_packed_add(x: &[f32], rows: usize, w: &Packed, y: &mut [f32]) {
+    product(x, rows, w, y, true)
+}
+
+fn product(x: &[f32], rows: usize, w: &Packed, y: &mut [f32], add: bool) {
     let (inp, out) = (w.inp, w.out);
     assert_eq!(x.len(), rows * inp, "matmul_packed: x has the wrong size");
     assert_eq!(y.len(), rows * out, "matmul_packed: y has the wrong size");
@@ -118,7 +128,7 @@ pub fn matmul_packed(x: &[f32], rows: usize, w: &Packed, y: &mut [f32]) {
     let isa = isa();
     // Safety: tasks cover disjoint (row, panel) rectangles of y.
     let run = move |r0: usize, r1: usize, p0: usize, p1: usize| unsafe {
-        rect(x, w, yp, r0, r1, p0, p1, isa)
+        rect(x, w, yp, r0, r1, p0, p1, isa, add)
     };
     if threads <= 1 {
         run(0, rows, 0, panels);
@@ -149,6 +159,7 @@ unsafe fn rect(
     p0: usize,
     p1: usize,
     isa: Isa,
+    add: bool,
 ) {
     let (inp, out) = (w.inp, w.out);
     let mut rt = r0;
@@ -162,7 +173,7 @@ unsafe fn rect(
                 let n = (rt_end - r).min(block_rows(isa));
                 let xs = &x[r * inp..(r + n) * inp];
                 let yq = y.0.add(r * out + p * PANEL);
-                block(xs, n, inp, panel, yq, out, n_out, isa);
+                block(xs, n, inp, panel, yq, out, n_out, isa, add);
                 r += n;
             }
         }
@@ -179,7 +190,8 @@ fn block_rows(isa: Isa) -> usize {
     }
 }
 
-/// One block of n rows × one panel, written to y (row stride `out`, `n_out` valid lanes).
+/// One block of n rows × one panel, written to y (row stride `out`, `n_out` valid lanes), or
+/// added to it with `add`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block(
@@ -191,6 +203,7 @@ unsafe fn block(
     out: usize,
     n_out: usize,
     isa: Isa,
+    add: bool,
 ) {
     let mut acc = [[0f32; PANEL]; 12];
     macro_rules! go {
@@ -219,7 +232,14 @@ unsafe fn block(
         _ => go!(1),
     }
     for i in 0..n {
-        std::ptr::copy_nonoverlapping(acc[i].as_ptr(), y.add(i * out), n_out);
+        if add {
+            let row = std::slice::from_raw_parts_mut(y.add(i * out), n_out);
+            for (o, a) in row.iter_mut().zip(&acc[i]) {
+                *o += a;
+            }
+        } else {
+            std::ptr::copy_nonoverlapping(acc[i].as_ptr(), y.add(i * out), n_out);
+        }
     }
 }
 
@@ -370,6 +390,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_adding_product_adds_the_same_product_to_y() {
+        // 400 rows: threaded by rows; 56 × 200: by panels; 5 × 7: partial panel and block.
+        for &(rows, inp, out) in &[(5, 19, 7), (56, 512, 200), (400, 64, 40)] {
+            let x = data(rows * inp, 3);
+            let w = Packed::new(&data(out * inp, 4), out, inp);
+            let base = data(rows * out, 5);
+            let mut product = vec![0f32; rows * out];
+            matmul_packed(&x, rows, &w, &mut product);
+            let mut y = base.clone();
+            matmul_packed_add(&x, rows, &w, &mut y);
+            for ((got, b), p) in y.iter().zip(&base).zip(&product) {
+                assert_eq!(got.to_bits(), (b + p).to_bits(), "{rows}×{inp}×{out}");
+            }
+        }
+    }
+
     /// Every kernel this CPU can run: AVX2 and AVX-512 agree bit for bit (both fuse each
     /// multiply-add, in the same order), the portable one to rounding.
     #[test]
@@ -402,6 +439,7 @@ mod tests {
                         0,
                         out.div_ceil(PANEL),
                         isa,
+                        false,
                     )
                 };
                 y
