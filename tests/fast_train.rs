@@ -373,6 +373,31 @@ fn fused_training_step_equals_reference_on_every_fixture() {
     }
 }
 
+/// The fused layer mixes adapted and plain projections when LoRA targets only some of them,
+/// and under full fine-tuning trains norms and biases (qwen2's q/k/v have biases).
+#[test]
+fn fused_layer_handles_partial_adapters_and_trained_biases() {
+    for name in ["llama_gqa", "qwen2_tied"] {
+        let lora = Trainable::Lora {
+            config: LoraConfig {
+                r: 2,
+                target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+                ..Default::default()
+            },
+            seed: 4,
+        };
+        let mut m = fixture_model(name, lora);
+        assert_eq!(m.vars().len(), 2 * 3 * m.cfg.num_hidden_layers, "{name}");
+        randomise_vars(&m, 7);
+        check_step(&mut m, &format!("{name} LoRA on q, v, down"));
+    }
+    let m = fixture_model("qwen2_tied", Trainable::All);
+    assert!(m.vars().iter().any(|(n, _)| n.ends_with("q_proj.bias")));
+    let mut m = m;
+    randomise_vars(&m, 9);
+    check_step(&mut m, "qwen2 full, randomised");
+}
+
 #[test]
 fn fused_logits_path_matches_reference_with_tied_head_and_gqa() {
     for tied in [true, false] {

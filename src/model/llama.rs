@@ -202,6 +202,14 @@ impl Linear {
         }
     }
 
+    /// Whether the layer can run inside `fast::block`: CPU f32, no adapter dropout in effect,
+    /// no snapshot's materialised transpose.
+    pub(crate) fn fusable(&self) -> bool {
+        self.weight_t.is_none()
+            && fast::applies(&self.weight)
+            && self.lora.as_ref().is_none_or(|l| !l.dropout_active())
+    }
+
     /// The base weight with the adapter folded in (W + scale·B·A), detached.
     pub fn merged_weight(&self) -> Result<Tensor> {
         let w = self.weight.detach();
@@ -707,7 +715,18 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         // Cached decoding keeps the composed ops (its steps must equal the full forward).
         let fused = (self.fused && cache.is_none() && fast::applies(&x)).then_some(&self.packs);
+        // Without a cache a whole layer is one op (`fast::block`), sharing these across layers.
+        let block_ctx = match fused {
+            Some(_) => Some(fast::BlockContext::new(&cos, &sin, bias, eps)?),
+            None => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
+            if let (Some(packs), Some(ctx)) = (fused, &block_ctx) {
+                if fast::block::supports(layer) {
+                    x = fast::block(&x, layer, ctx, packs)?;
+                    continue;
+                }
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
             let a = layer

@@ -29,7 +29,7 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
 }
 
 /// Runs `f(out_row, row_index)` over rows of width `n`, in parallel when the work is large.
-fn for_rows(out: &mut [f32], n: usize, f: impl Fn(&mut [f32], usize) + Sync + Send) {
+pub(crate) fn for_rows(out: &mut [f32], n: usize, f: impl Fn(&mut [f32], usize) + Sync + Send) {
     if out.len() >= PAR_MIN {
         out.par_chunks_mut(n).enumerate().for_each(|(r, o)| f(o, r));
     } else {

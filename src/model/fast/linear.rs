@@ -7,10 +7,10 @@
 //! product (the engine's packed kernel) with the adapter's gemm product accumulated onto it,
 //! and backward returns dx, dA and dB from products that accumulate in place; W gets no
 //! gradient.
-use super::{cols, mm, pack_cache, packed, rows, slice, threads};
+use super::{cols, mm, pack_cache, packed, rows, slice, threads, with_cpu};
 use crate::engine::packed::{matmul_packed, Packed};
 use crate::engine::weights::PackCache;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
 /// y [m, n] = x [m, k]·Wᵀ + scale·(x·Aᵀ)·Bᵀ for a constant W [n, k], A [r, k], B [n, r];
@@ -57,15 +57,6 @@ struct LoraLinear {
     w: Tensor,
     packs: Arc<PackCache>,
     scale: f32,
-}
-
-/// Runs `f` on the contiguous f32 elements of a CPU tensor, read in place.
-fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(slice(s, layout, "lora_linear")?),
-        _ => candle_core::bail!("lora_linear: a tensor is not on the CPU"),
-    }
 }
 
 impl CustomOp3 for LoraLinear {

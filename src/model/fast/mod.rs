@@ -8,16 +8,21 @@
 //! - `lora_linear`: a LoRA layer on a frozen base as one op (the base's products on the
 //!   engine's packed weights, the adapter's by gemm);
 //! - `linear`: a layer whose weight trains (full fine-tuning), x·Wᵀ with both gradients
-//!   written in their own layouts.
+//!   written in their own layouts;
+//! - `block`: a whole decoder layer (norms, projections, rotary embeddings, attention, SwiGLU,
+//!   residuals) as one op, its backward written out by hand from the same kernels.
 //!
 //! `model::llama` keeps the readable composed model; it routes here on CPU f32 when its fused
 //! kernels are on (the default), and tests/fast_train.rs holds both paths equal.
 pub mod attention;
+pub mod block;
 pub mod linear;
 pub mod logprob;
 pub mod swiglu;
 
 pub use attention::attention;
+pub(crate) use block::block;
+pub use block::BlockContext;
 pub use linear::{linear, lora_linear};
 pub use logprob::target_logprobs;
 pub use swiglu::swiglu;
@@ -49,6 +54,15 @@ fn packed(cache: &PackCache, w: &Tensor, transposed: bool, op: &str) -> Result<A
 /// Whether `t` can take the fused CPU kernels.
 pub fn applies(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+/// Runs `f` on the contiguous f32 elements of a CPU tensor, read in place.
+fn with_cpu<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(slice(s, layout, "fused op")?),
+        _ => candle_core::bail!("fused op: a tensor is not on the CPU"),
+    }
 }
 
 /// A tensor's elements in row-major order (a copy; used in backward passes).
