@@ -453,3 +453,40 @@ fn cached_reference_log_probabilities_equal_recomputed_ones() {
         .unwrap()
         .is_none());
 }
+
+/// The layer op's gradients are the same bits on every run: its parallel sums (the norms'
+/// weight gradients over rows, the products) must not depend on how rayon splits the work.
+/// 12 sequences of 40 tokens give the norms' reductions many row blocks.
+#[test]
+fn fused_full_step_gradients_are_the_same_bits_every_run() {
+    let model = tiny_model("qwen2", false, Trainable::All, 11);
+    let v = model.cfg.vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| (0..40u32).map(|j| (i * 31 + j * 7 + 1) % v).collect())
+        .collect();
+    let masks: Vec<Vec<bool>> = seqs.iter().map(|s| vec![true; s.len()]).collect();
+    let run = || -> Vec<Vec<u32>> {
+        let (sum, _) = model.token_logps(&seqs, &masks).unwrap();
+        let g = sum.sum_all().unwrap().backward().unwrap();
+        model
+            .vars()
+            .iter()
+            .map(|(n, var)| {
+                let t = g
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {n}"));
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    let first = run();
+    for _ in 0..4 {
+        assert!(run() == first, "a rerun's gradients differ");
+    }
+}

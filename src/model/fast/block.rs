@@ -304,7 +304,9 @@ fn rms_backward(
             }
         });
     if let Some(dw) = dw {
-        let sums = x
+        // Partial sums per fixed block of rows, added in block order: the same bits however
+        // rayon splits the work (its `reduce` tree depends on scheduling).
+        let partials: Vec<Vec<f32>> = x
             .par_chunks(n * ROWS)
             .zip(g.par_chunks(n * ROWS))
             .zip(inv.par_chunks(ROWS))
@@ -317,13 +319,11 @@ fn rms_backward(
                 }
                 s
             })
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect();
+        let mut sums = vec![0f32; n];
+        for part in &partials {
+            sums.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
         dw.copy_from_slice(&sums);
     }
 }
