@@ -43,7 +43,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f32) 
             [b, 1, t, tk]
         );
     }
-    let op = Attention::new(Arc::new(values(bias)?), scale);
+    let op = Attention::new(Arc::new(values(bias)?), tk, scale);
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
@@ -51,6 +51,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f32) 
 pub(super) struct Attention {
     /// [b, t, T] additive bias.
     bias: Arc<Vec<f32>>,
+    /// Per bias row: one past the last key it does not hide, None when it hides every key.
+    ends: Vec<Option<usize>>,
     scale: f32,
     /// Per query row (b, h, t): the softmax's max and 1/sum, saved by forward for backward.
     stats: Arc<Mutex<Vec<(f32, f32)>>>,
@@ -76,11 +78,16 @@ impl Dims {
 }
 
 impl Attention {
-    /// The kernel for an additive bias [b, t, T] and score scale, for callers that keep the
-    /// row statistics themselves (`block`).
-    pub(super) fn new(bias: Arc<Vec<f32>>, scale: f32) -> Self {
+    /// The kernel for an additive bias [b, t, T] (rows of `tk` keys) and score scale; `block`
+    /// keeps the row statistics itself.
+    pub(super) fn new(bias: Arc<Vec<f32>>, tk: usize, scale: f32) -> Self {
+        let ends = bias
+            .chunks(tk.max(1))
+            .map(|row| row.iter().rposition(|&x| x > HIDDEN).map(|last| last + 1))
+            .collect();
         Self {
             bias,
+            ends,
             scale,
             stats: Arc::new(Mutex::new(Vec::new())),
         }
@@ -89,22 +96,18 @@ impl Attention {
     /// The keys query row `i` of sequence `bi` attends to: those its bias does not hide, or
     /// all keys when every one is hidden (a padding row), where the composed softmax is uniform.
     fn visible(&self, d: Dims, bi: usize, i: usize) -> (&[f32], bool) {
-        let row = &self.bias[(bi * d.t + i) * d.tk..(bi * d.t + i + 1) * d.tk];
-        let any = row.iter().any(|&x| x > HIDDEN);
-        (row, any)
+        let at = bi * d.t + i;
+        (
+            &self.bias[at * d.tk..(at + 1) * d.tk],
+            self.ends[at].is_some(),
+        )
     }
 
     /// Keys past the last one any of rows r0..r1 of a group sees are hidden from all of them
     /// (a causal mask's upper triangle), so products over these rows stop at this count.
     fn key_span(&self, d: Dims, bi: usize, r0: usize, r1: usize) -> usize {
         (r0..r1)
-            .map(|row| {
-                let (brow, any) = self.visible(d, bi, row % d.t);
-                match brow.iter().rposition(|&x| x > HIDDEN) {
-                    Some(last) if any => last + 1,
-                    _ => d.tk,
-                }
-            })
+            .map(|row| self.ends[bi * d.t + row % d.t].unwrap_or(d.tk))
             .max()
             .unwrap_or(0)
     }
