@@ -16,7 +16,8 @@
 //! `Llama::forward_hidden` routes here on CPU f32 without a cache; tests/fast_train.rs holds the
 //! result and every gradient equal to the composed reference model's.
 use super::attention::{Attention, Dims};
-use super::{cols, mm, packed, rows, slice, threads, values, with_cpu};
+use super::linear::{adapter_backward, adapter_forward, weight_grad};
+use super::{packed, slice, values, with_cpu};
 use crate::engine::packed::{matmul_packed, matmul_packed_add, Packed};
 use crate::engine::weights::PackCache;
 use crate::model::llama::{Block, Linear};
@@ -58,7 +59,7 @@ impl BlockContext {
             t,
             cos: values(cos)?,
             sin: values(sin)?,
-            attention: Attention::new(Arc::new(values(bias)?), 1.0 / ((2 * half) as f32).sqrt()),
+            attention: Attention::new(Arc::new(values(bias)?), t, 1.0 / ((2 * half) as f32).sqrt()),
             eps: eps as f32,
         }))
     }
@@ -170,22 +171,13 @@ impl Lin {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b)
             });
         }
-        let mut t = vec![];
-        if let Some((a, bm, r, s)) = &self.lora {
-            let (a, bm, r) = (a.get(p, r * inp), bm.get(p, out * r), *r);
-            t = vec![0f32; m * r];
-            let par = threads();
-            mm(
-                &mut t,
-                [m, r, inp],
-                rows(x, inp),
-                cols(a, inp),
-                1.0,
-                false,
-                par,
-            );
-            mm(&mut y, [m, out, r], rows(&t, r), cols(bm, r), *s, true, par);
-        }
+        let t = match &self.lora {
+            Some((a, bm, r, s)) => {
+                let (a, bm) = (a.get(p, r * inp), bm.get(p, out * r));
+                adapter_forward(x, a, bm, [m, inp, *r, out], *s, &mut y)
+            }
+            None => vec![],
+        };
         (y, t)
     }
 
@@ -205,7 +197,6 @@ impl Lin {
         packs: &PackCache,
     ) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
-        let par = threads();
         let wt = match &self.w {
             Weight::Frozen(_, w) => packed(packs, w, true, NAME)?,
             Weight::Trained(o) => Arc::new(Packed::transposed(&p[*o..*o + out * inp], out, inp)),
@@ -216,16 +207,7 @@ impl Lin {
             matmul_packed(g, m, &wt, dx);
         }
         if let Weight::Trained(o) = self.w {
-            let dw = &mut dp[o..o + out * inp];
-            mm(
-                dw,
-                [out, inp, m],
-                cols(g, out),
-                rows(x, inp),
-                1.0,
-                false,
-                par,
-            );
+            weight_grad(g, x, [m, inp, out], &mut dp[o..o + out * inp]);
         }
         if let Some(o) = self.bias.as_ref().and_then(Src::var) {
             let db = &mut dp[o..o + out];
@@ -234,26 +216,16 @@ impl Lin {
             }
         }
         if let Some((a, bm, r, s)) = &self.lora {
-            let (av, bv, r, s) = (a.get(p, r * inp), bm.get(p, out * r), *r, *s);
-            // u = g·B [m, r]; dx += s·u·A; dA = s·uᵀ·x; dB = s·gᵀ·t.
-            let mut u = vec![0f32; m * r];
-            mm(
-                &mut u,
-                [m, r, out],
-                rows(g, out),
-                rows(bv, r),
-                1.0,
-                false,
-                par,
-            );
-            mm(dx, [m, inp, r], rows(&u, r), rows(av, inp), s, true, par);
-            if let Some(o) = a.var() {
-                let da = &mut dp[o..o + r * inp];
-                mm(da, [r, inp, m], cols(&u, r), rows(x, inp), s, false, par);
-            }
-            if let Some(o) = bm.var() {
-                let db = &mut dp[o..o + out * r];
-                mm(db, [out, r, m], cols(g, out), rows(t, r), s, false, par);
+            let (av, bv, r) = (a.get(p, r * inp), bm.get(p, out * r), *r);
+            // dA and dB (small) computed apart, then placed in dp where they train.
+            let mut da = a.var().map(|_| vec![0f32; r * inp]);
+            let mut db = bm.var().map(|_| vec![0f32; out * r]);
+            let grads = (da.as_deref_mut(), db.as_deref_mut());
+            adapter_backward((x, t, g), (av, bv), [m, inp, r, out], *s, dx, grads);
+            for (src, grad) in [(a, da), (bm, db)] {
+                if let (Some(o), Some(grad)) = (src.var(), grad) {
+                    dp[o..o + grad.len()].copy_from_slice(&grad);
+                }
             }
         }
         Ok(())

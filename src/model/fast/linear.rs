@@ -79,27 +79,9 @@ impl CustomOp3 for LoraLinear {
         let (m, k) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
         let (n, _) = l3.shape().dims2()?;
-        let mut t = vec![0f32; m * r];
-        mm(
-            &mut t,
-            [m, r, k],
-            rows(x, k),
-            cols(a, k),
-            1.0,
-            false,
-            threads(),
-        );
         let mut y = vec![0f32; m * n];
         matmul_packed(x, m, &self.wp, &mut y);
-        mm(
-            &mut y,
-            [m, n, r],
-            rows(&t, r),
-            cols(b, r),
-            self.scale,
-            true,
-            threads(),
-        );
+        adapter_forward(x, a, b, [m, k, r, n], self.scale, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -121,17 +103,7 @@ impl CustomOp3 for LoraLinear {
             with_cpu(a, |a| {
                 with_cpu(b, |b| {
                     with_cpu(&grad, |g| {
-                        // u = g·B [m, r]; t = x·Aᵀ [m, r], recomputed (m·r·k: small).
-                        let mut u = vec![0f32; m * r];
-                        mm(
-                            &mut u,
-                            [m, r, n],
-                            rows(g, n),
-                            rows(b, r),
-                            1.0,
-                            false,
-                            threads(),
-                        );
+                        // t = x·Aᵀ [m, r], recomputed (m·r·k: small).
                         let mut t = vec![0f32; m * r];
                         mm(
                             &mut t,
@@ -142,39 +114,12 @@ impl CustomOp3 for LoraLinear {
                             false,
                             threads(),
                         );
-                        // dx = g·W + s·u·A
                         let mut dx = vec![0f32; m * k];
                         matmul_packed(g, m, &wtp, &mut dx);
-                        mm(
-                            &mut dx,
-                            [m, k, r],
-                            rows(&u, r),
-                            rows(a, k),
-                            s,
-                            true,
-                            threads(),
-                        );
-                        // dA = s·uᵀ·x [r, k]; dB = s·gᵀ·t [n, r]
-                        let mut da = vec![0f32; r * k];
-                        mm(
-                            &mut da,
-                            [r, k, m],
-                            cols(&u, r),
-                            rows(x, k),
-                            s,
-                            false,
-                            threads(),
-                        );
-                        let mut db = vec![0f32; n * r];
-                        mm(
-                            &mut db,
-                            [n, r, m],
-                            cols(g, n),
-                            rows(&t, r),
-                            s,
-                            false,
-                            threads(),
-                        );
+                        let (mut da, mut db) = (vec![0f32; r * k], vec![0f32; n * r]);
+                        let dims = [m, k, r, n];
+                        let grads = (Some(&mut da[..]), Some(&mut db[..]));
+                        adapter_backward((x, &t, g), (a, b), dims, s, &mut dx, grads);
                         Ok((dx, da, db))
                     })
                 })
@@ -248,15 +193,7 @@ impl CustomOp2 for TrainedLinear {
                     let mut dx = vec![0f32; m * k];
                     matmul_packed(g, m, &Packed::transposed(w, n, k), &mut dx);
                     let mut dw = vec![0f32; n * k];
-                    mm(
-                        &mut dw,
-                        [n, k, m],
-                        cols(g, n),
-                        rows(x, k),
-                        1.0,
-                        false,
-                        threads(),
-                    );
+                    weight_grad(g, x, [m, k, n], &mut dw);
                     Ok((dx, dw))
                 })
             })
@@ -267,4 +204,73 @@ impl CustomOp2 for TrainedLinear {
             Some(Tensor::from_vec(dw, (n, k), dev)?),
         ))
     }
+}
+
+/// y [m, out] += s·(x·Aᵀ)·Bᵀ, a LoRA adapter's term, for x [m, inp], A [r, inp], B [out, r]
+/// (`[m, inp, r, out]`); returns t = x·Aᵀ [m, r], which backward reads.
+pub(super) fn adapter_forward(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    [m, inp, r, out]: [usize; 4],
+    s: f32,
+    y: &mut [f32],
+) -> Vec<f32> {
+    let mut t = vec![0f32; m * r];
+    mm(
+        &mut t,
+        [m, r, inp],
+        rows(x, inp),
+        cols(a, inp),
+        1.0,
+        false,
+        threads(),
+    );
+    mm(y, [m, out, r], rows(&t, r), cols(b, r), s, true, threads());
+    t
+}
+
+/// The adapter's part of a layer's backward for the output gradient g [m, out], with
+/// forward's input x and t = x·Aᵀ: dx += s·(g·B)·A, and where asked dA = s·(g·B)ᵀ·x and
+/// dB = s·gᵀ·t (written, not added).
+pub(super) fn adapter_backward(
+    (x, t, g): (&[f32], &[f32], &[f32]),
+    (a, b): (&[f32], &[f32]),
+    [m, inp, r, out]: [usize; 4],
+    s: f32,
+    dx: &mut [f32],
+    (da, db): (Option<&mut [f32]>, Option<&mut [f32]>),
+) {
+    let par = threads();
+    let mut u = vec![0f32; m * r];
+    mm(
+        &mut u,
+        [m, r, out],
+        rows(g, out),
+        rows(b, r),
+        1.0,
+        false,
+        par,
+    );
+    mm(dx, [m, inp, r], rows(&u, r), rows(a, inp), s, true, par);
+    if let Some(da) = da {
+        mm(da, [r, inp, m], cols(&u, r), rows(x, inp), s, false, par);
+    }
+    if let Some(db) = db {
+        mm(db, [out, r, m], cols(g, out), rows(t, r), s, false, par);
+    }
+}
+
+/// dW [out, inp] = gᵀ·x for a layer's output gradient g [m, out] and input x [m, inp], written
+/// in W's own layout.
+pub(super) fn weight_grad(g: &[f32], x: &[f32], [m, inp, out]: [usize; 3], dw: &mut [f32]) {
+    mm(
+        dw,
+        [out, inp, m],
+        cols(g, out),
+        rows(x, inp),
+        1.0,
+        false,
+        threads(),
+    );
 }
