@@ -717,8 +717,10 @@ impl Llama {
         let fused = (self.fused && cache.is_none() && fast::applies(&x)).then_some(&self.packs);
         // Without a cache a whole layer is one op (`fast::block`), sharing these across layers.
         let block_ctx = match fused {
-            Some(_) => Some(fast::BlockContext::new(&cos, &sin, bias, eps)?),
-            None => None,
+            Some(_) if self.layers.iter().any(fast::block::supports) => {
+                Some(fast::BlockContext::new(&cos, &sin, bias, eps)?)
+            }
+            _ => None,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             if let (Some(packs), Some(ctx)) = (fused, &block_ctx) {
